@@ -1,0 +1,31 @@
+# The whole set-up on a fresh machine: `make demo` (the CPU quickstart) or `make test`.
+PYTHON ?= python3
+VENV := .venv
+STAMP := $(VENV)/.setup-stamp
+UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+
+.PHONY: setup demo test test-all lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml constraints/cpu-override.txt
+	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --user uv || $(PYTHON) -m pip install --quiet uv
+	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
+	$(UV) pip install --quiet --python $(VENV)/bin/python \
+		--override constraints/cpu-override.txt -e ".[cpu,dev]"
+	@touch $(STAMP)
+
+demo: setup
+	$(VENV)/bin/verl-async
+
+test: setup
+	$(VENV)/bin/python -m pytest -q tests
+
+test-all: setup
+	$(VENV)/bin/python -m pytest -q -m "" tests
+
+lint: setup
+	$(VENV)/bin/ruff check verl_async tests
+
+clean:
+	rm -rf $(VENV) outputs

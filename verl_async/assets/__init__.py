@@ -1,0 +1,1 @@
+"""Locally built models and tokenizers (nothing is downloaded): tiny, counter, tiny-vl."""

@@ -1,0 +1,18 @@
+"""Validation helpers shared by the config dataclasses: one error type, prescriptive messages."""
+
+from collections.abc import Iterable
+
+
+class ConfigError(ValueError):
+    """A config value is invalid. The message names the key and says how to fix it."""
+
+
+def check(ok: bool, key: str, value: object, fix: str) -> None:
+    """Raise ConfigError for `key` unless `ok`; `fix` tells the user what to do."""
+    if not ok:
+        raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
+    choices = tuple(choices)
+    check(value in choices, key, value, f"choose one of {', '.join(choices)}.")

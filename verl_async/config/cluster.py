@@ -1,0 +1,31 @@
+"""Where the roles run: Ray address and resources per role."""
+
+from dataclasses import dataclass
+
+from verl_async.config._check import check, check_choice
+
+
+@dataclass
+class ClusterConfig:
+    address: str = "auto"
+    """Ray address: auto (join the cluster this job runs in, else start a local one), local, or host:port."""
+    device: str = "auto"
+    """auto (cuda when a GPU is visible), cuda or cpu."""
+    nodes: int = 1
+    """Nodes in the cluster."""
+    rollout_gpus: int = 0
+    """GPUs for the rollout servers (num_servers * tensor_parallel_size); 0 on CPU."""
+    trainer_gpus: int = 0
+    """GPUs for the trainer workers (one per worker); 0 on CPU."""
+    cpus_per_rollout_server: int = 1
+    """CPU cores reserved for each rollout server."""
+    cpus_per_trainer_worker: int = 1
+    """CPU cores reserved for each trainer worker."""
+
+    def __post_init__(self) -> None:
+        check_choice("cluster.device", self.device, ("auto", "cuda", "cpu"))
+        check(self.nodes >= 1, "cluster.nodes", self.nodes, "use at least 1.")
+        check(self.rollout_gpus >= 0 and self.trainer_gpus >= 0, "cluster.rollout_gpus/trainer_gpus",
+              (self.rollout_gpus, self.trainer_gpus), "use 0 or more.")
+        check(self.cpus_per_rollout_server >= 1, "cluster.cpus_per_rollout_server", self.cpus_per_rollout_server, "use at least 1.")
+        check(self.cpus_per_trainer_worker >= 1, "cluster.cpus_per_trainer_worker", self.cpus_per_trainer_worker, "use at least 1.")

@@ -1,0 +1,36 @@
+"""The asynchronous controller: mode, batch size, staleness and sync cadence."""
+
+from dataclasses import dataclass
+
+from verl_async.config._check import check, check_choice
+
+MODES = ("sync_baseline", "streaming", "async", "partial_rollout")
+
+
+@dataclass
+class PipelineConfig:
+    mode: str = "partial_rollout"
+    """sync_baseline: generate a batch, train, sync; streaming: train as groups finish, on-policy;
+    async: rollout runs ahead up to max_staleness, syncs wait for in-flight requests to finish;
+    partial_rollout: like async, but in-flight requests pause (keep mode) and continue across syncs."""
+    total_steps: int = 20
+    """Optimizer steps to run."""
+    batch_groups: int = 8
+    """Prompt groups per training step (batch = batch_groups * rollout.n samples)."""
+    max_staleness: int = 1
+    """Hard bound on policy_version lag of every trained token (0 = on-policy)."""
+    sync_every_steps: int = 1
+    """Push weights to the rollout servers every K optimizer steps."""
+    max_inflight_groups: int = 0
+    """Groups being generated at once; 0 = batch_groups * (max_staleness + 1)."""
+
+    def __post_init__(self) -> None:
+        check_choice("pipeline.mode", self.mode, MODES)
+        check(self.total_steps >= 1, "pipeline.total_steps", self.total_steps, "use at least 1.")
+        check(self.batch_groups >= 1, "pipeline.batch_groups", self.batch_groups, "use at least 1.")
+        check(self.max_staleness >= 0, "pipeline.max_staleness", self.max_staleness, "use 0 (on-policy) or more.")
+        check(self.sync_every_steps >= 1, "pipeline.sync_every_steps", self.sync_every_steps, "use at least 1.")
+        check(self.max_inflight_groups >= 0, "pipeline.max_inflight_groups", self.max_inflight_groups, "use 0 (auto) or more.")
+        if self.mode in ("sync_baseline", "streaming"):
+            check(self.max_staleness == 0 or self.mode == "streaming", "pipeline.max_staleness", self.max_staleness,
+                  "the sync_baseline mode is on-policy: set pipeline.max_staleness=0.")

@@ -1,0 +1,47 @@
+"""The trainer workers: optimisation, batching and checkpoints."""
+
+from dataclasses import dataclass
+
+from verl_async.config._check import check, check_choice
+
+
+@dataclass
+class TrainerConfig:
+    num_workers: int = 1
+    """Trainer processes (one per GPU; on CPU they form a gloo group)."""
+    lr: float = 1e-6
+    """AdamW peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW weight decay."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """AdamW betas."""
+    warmup_steps: int = 0
+    """Linear warm-up length in optimizer steps."""
+    lr_schedule: str = "constant"
+    """After warm-up: constant, linear (to 0 at pipeline.total_steps) or cosine."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping by global norm (0: off)."""
+    micro_batch_max_tokens: int = 8192
+    """Token budget of one micro-batch (sequences are packed under it; gradients accumulate over micro-batches)."""
+    mini_batches: int = 1
+    """Optimizer updates per batch and epoch (the batch is split into this many mini-batches)."""
+    ppo_epochs: int = 1
+    """Passes over each batch."""
+    fsdp: bool = True
+    """GPU: shard parameters with FSDP2 across trainer workers."""
+    checkpoint_every_steps: int = 0
+    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    seed: int = 0
+    """Trainer RNG seed."""
+
+    def __post_init__(self) -> None:
+        check(self.num_workers >= 1, "trainer.num_workers", self.num_workers, "use at least 1.")
+        check(self.lr > 0, "trainer.lr", self.lr, "use a positive learning rate, e.g. 1e-6.")
+        check(self.warmup_steps >= 0, "trainer.warmup_steps", self.warmup_steps, "use 0 or more.")
+        check_choice("trainer.lr_schedule", self.lr_schedule, ("constant", "linear", "cosine"))
+        check(self.max_grad_norm >= 0, "trainer.max_grad_norm", self.max_grad_norm, "use 0 (off) or a positive norm.")
+        check(self.micro_batch_max_tokens > 0, "trainer.micro_batch_max_tokens", self.micro_batch_max_tokens,
+              "use a positive token budget.")
+        check(self.mini_batches >= 1, "trainer.mini_batches", self.mini_batches, "use at least 1.")
+        check(self.ppo_epochs >= 1, "trainer.ppo_epochs", self.ppo_epochs, "use at least 1.")
+        check(self.checkpoint_every_steps >= 0, "trainer.checkpoint_every_steps", self.checkpoint_every_steps, "use 0 or more.")

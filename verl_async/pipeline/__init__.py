@@ -1,0 +1,1 @@
+"""The asynchronous controller: rollouter, sample queue, staleness, sync triggers, ledger."""

@@ -1,0 +1,1 @@
+"""Trainer workers: model build (FSDP2 on GPU, plain/gloo on CPU), batching, checkpoints."""
