@@ -1,0 +1,52 @@
+"""Shared fixtures: locally built assets, one Ray runtime per session, GPU skipping.
+
+Engine start costs ~60 s on the 2-core CI box (two processes each import vLLM), so
+integration tests share engines through module-scoped fixtures.
+"""
+
+import os
+
+import pytest
+
+ASSETS_DIR = os.environ.get("VERL_ASYNC_ASSETS", os.path.expanduser("~/.cache/verl_async/assets"))
+
+
+def pytest_collection_modifyitems(config, items):
+    import shutil
+
+    has_gpu = shutil.which("nvidia-smi") is not None and os.environ.get("CUDA_VISIBLE_DEVICES", "0") != ""
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def assets_dir() -> str:
+    return ASSETS_DIR
+
+
+@pytest.fixture(scope="session")
+def tiny_path(assets_dir) -> str:
+    from verl_async.assets.build import ensure_asset
+
+    return str(ensure_asset(assets_dir, "tiny"))
+
+
+@pytest.fixture(scope="session")
+def counter_path(assets_dir) -> str:
+    from verl_async.assets.build import ensure_asset
+
+    return str(ensure_asset(assets_dir, "counter", step=1))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One local Ray runtime for the whole test session (logical CPUs so several actors fit)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=8, include_dashboard=False, log_to_driver=True,
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    yield ray
+    ray.shutdown()
