@@ -6,11 +6,11 @@ with its prompt and reward into a `Sample`; groups of samples become the trainer
 """
 
 from dataclasses import dataclass, field
-from enum import Enum
+from enum import StrEnum
 from typing import Any
 
 
-class FinishReason(str, Enum):
+class FinishReason(StrEnum):
     """Why generation of a sample ended. Only STOP samples count as complete answers."""
 
     STOP = "stop"  # the model emitted EOS / a stop token

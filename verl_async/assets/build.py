@@ -102,3 +102,15 @@ def build_counter(out: Path, seed: int, step: int) -> None:
     counter_weights(model, step, seed)
     _save_model(model, tok, out)
     (out / "counter.json").write_text(json.dumps({"step": step, "vocab_size": VOCAB_SIZE}))
+
+
+def resolve_model_path(path: str, assets_dir: str, seed: int = 0) -> str:
+    """model.path as a folder: an asset name is built on first use, anything else must exist."""
+    if path in ("tiny", "counter", "tiny-vl"):
+        return str(ensure_asset(assets_dir, path, seed=seed))
+    folder = Path(os.path.expanduser(path))
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"model.path={path!r} is not a model folder (no config.json). Point it at a local HF folder, "
+            "or use an asset name: tiny, counter, tiny-vl (nothing is downloaded).")
+    return str(folder)

@@ -52,6 +52,12 @@ class JobConfig:
               "rollout.n", self.rollout.n, "GRPO normalises within a group: use rollout.n >= 2.")
         if self.cluster.device != "auto":
             check_device(self.rollout, self.cluster.device)
+        if self.cluster.device == "cuda":
+            engines = self.rollout.num_servers * self.rollout.tensor_parallel_size
+            check(self.cluster.rollout_gpus == engines, "cluster.rollout_gpus", self.cluster.rollout_gpus,
+                  f"it must equal rollout.num_servers * rollout.tensor_parallel_size = {engines}.")
+            check(self.cluster.trainer_gpus == self.trainer.num_workers, "cluster.trainer_gpus",
+                  self.cluster.trainer_gpus, f"it must equal trainer.num_workers = {self.trainer.num_workers}.")
 
 
 _registered = False
@@ -75,10 +81,8 @@ def to_job_config(cfg) -> JobConfig:
 
     try:
         job = OmegaConf.to_object(cfg)
-    except OmegaConfBaseException as e:  # type errors, unknown keys: re-raise with the key path
-        raise ConfigError(f"{e.msg if hasattr(e, 'msg') else e} (key: {getattr(e, 'full_key', '?')})") from e
-    except ConfigError:
-        raise
+    except OmegaConfBaseException as e:  # type errors and unknown keys name their key path
+        raise ConfigError(str(e).splitlines()[0] + f" (key: {e.full_key})") from e
     if not isinstance(job, JobConfig):
         raise ConfigError("the config does not use job_schema: put `- job_schema` first in its defaults list.")
     return job
