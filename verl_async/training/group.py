@@ -1,0 +1,109 @@
+"""The trainer as one object: trainer.num_workers TrainerWorker Ray actors in one process group.
+
+Every call fans out to all ranks (they must all take part in the collectives) and returns
+rank 0's result. `sender` is what the weight-sync coordinator talks to. Blocking methods
+have `*_async` twins (awaiting the Ray refs) for callers that run an event loop.
+"""
+
+import asyncio
+import logging
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from verl_async.config.algorithm import AlgorithmConfig
+from verl_async.config.model import ModelConfig
+from verl_async.config.trainer import TrainerConfig
+from verl_async.training.worker import TrainerWorker
+from verl_async.types import TensorMeta, TrainBatch, TrainMetrics, TrainRow
+
+logger = logging.getLogger(__name__)
+
+
+class TrainerGroup:
+    """Spawns the workers (1 GPU each on cuda; cpus_per_worker CPUs each) and sets them up.
+
+    placement_group: optional Ray placement group; worker i goes to bundle bundle_offset + i.
+    temperature: the rollout's sampling temperature (the trainer's log-probs must use the same).
+    """
+
+    def __init__(self, model_path: str, model: ModelConfig, trainer: TrainerConfig, algorithm: AlgorithmConfig,
+                 total_steps: int, device: str, *, temperature: float = 1.0, cpus_per_worker: int = 1,
+                 placement_group: Any = None, bundle_offset: int = 0):
+        n = trainer.num_workers
+        actor_cls = ray.remote(TrainerWorker)
+        self.workers = []
+        for rank in range(n):
+            options: dict[str, Any] = {"num_cpus": cpus_per_worker, "num_gpus": 1 if device == "cuda" else 0}
+            if placement_group is not None:
+                options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+                    placement_group, placement_group_bundle_index=bundle_offset + rank)
+            self.workers.append(actor_cls.options(**options).remote(
+                rank, n, model_path, model, trainer, algorithm, total_steps, device, temperature))
+        address, port = ray.get(self.workers[0].rendezvous_address.remote())
+        ray.get([w.setup.remote(address, port) for w in self.workers])
+        self.sender = WeightSenderGroup(self.workers)
+        logger.info("trainer group up: %d worker(s) on %s, rendezvous %s:%d", n, device, address, port)
+
+    def _all(self, method: str, *args: Any) -> list[Any]:
+        """Call `method` on every worker; return the refs in rank order."""
+        return [getattr(w, method).remote(*args) for w in self.workers]
+
+    def _rank0(self, method: str, *args: Any) -> Any:
+        return ray.get(self._all(method, *args))[0]
+
+    def train_step(self, batch: TrainBatch) -> TrainMetrics:
+        return self._rank0("train_step", ray.put(batch))
+
+    async def train_step_async(self, batch: TrainBatch) -> TrainMetrics:
+        return (await asyncio.gather(*self._all("train_step", ray.put(batch))))[0]
+
+    def compute_logprobs(self, rows: list[TrainRow]) -> list[list[float]]:
+        return self._rank0("compute_logprobs", ray.put(rows))
+
+    def save_checkpoint(self, path: str, extra_state: dict[str, Any]) -> None:
+        self._rank0("save_checkpoint", path, extra_state)
+
+    def load_checkpoint(self, path: str) -> dict[str, Any]:
+        """Restore all ranks; return the pipeline's extra_state."""
+        return self._rank0("load_checkpoint", path)
+
+    def export_hf(self, path: str) -> None:
+        self._rank0("export_hf", path)
+
+    def state(self) -> dict[str, int]:
+        """{"step": ..., "policy_version": ...} of rank 0."""
+        return ray.get(self.workers[0].state.remote())
+
+    def shutdown(self) -> None:
+        ray.get(self._all("shutdown"))
+        for w in self.workers:
+            ray.kill(w)
+        self.workers = []
+
+
+class WeightSenderGroup:
+    """The trainer side of a weight sync: all ranks gather, rank 0 sends; results are rank 0's."""
+
+    def __init__(self, workers: list[Any]):
+        self.workers = workers
+
+    def tensor_metas(self) -> list[TensorMeta]:
+        return ray.get(self.workers[0].tensor_metas.remote())
+
+    def init_weight_sender(self, backend: str, master_address: str, master_port: int, world_size: int,
+                           timeout_s: float) -> None:
+        ray.get([w.init_weight_sender.remote(backend, master_address, master_port, world_size, timeout_s)
+                 for w in self.workers])
+
+    async def init_weight_sender_async(self, backend: str, master_address: str, master_port: int, world_size: int,
+                                       timeout_s: float) -> None:
+        await asyncio.gather(*[w.init_weight_sender.remote(backend, master_address, master_port, world_size,
+                                                           timeout_s) for w in self.workers])
+
+    def send_weights(self, bucket_bytes: int) -> dict[str, float]:
+        return ray.get([w.send_weights.remote(bucket_bytes) for w in self.workers])[0]
+
+    async def send_weights_async(self, bucket_bytes: int) -> dict[str, float]:
+        return (await asyncio.gather(*[w.send_weights.remote(bucket_bytes) for w in self.workers]))[0]

@@ -1,0 +1,135 @@
+"""Build the trained HF model (FSDP2 or replicated), run it on a MicroBatch, read its full weights.
+
+FSDP2 (`fully_shard`, one unit per decoder layer plus the root) is used on GPU (nccl) and
+on CPU (gloo) alike, so both devices run the same code: fp32 master weights, compute in
+model.dtype through FSDP2's MixedPrecisionPolicy. With trainer.fsdp=False the module is
+replicated and the worker all-reduces gradients itself (compute under autocast).
+"""
+
+import contextlib
+import logging
+import math
+import time
+from collections.abc import Iterator
+from functools import partial
+
+import torch
+from torch.distributed.tensor import DTensor
+
+from verl_async.config.model import ModelConfig
+from verl_async.training.batching import MicroBatch
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_hf_model(model_path: str, cfg: ModelConfig) -> torch.nn.Module:
+    """The HF model in fp32 on CPU. Configs with a vision tower load through the image-text class."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
+
+    hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
+    auto = AutoModelForImageTextToText if "vision_config" in hf_config.to_dict() else AutoModelForCausalLM
+    model = auto.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    model.config.use_cache = False
+    return model
+
+
+def build_model(model_path: str, cfg: ModelConfig, device: torch.device, fsdp: bool, trainable: bool) -> torch.nn.Module:
+    """Load, optionally checkpoint activations, shard (fsdp) or move to `device`.
+    A non-trainable model (the KL reference) is frozen and kept in eval mode."""
+    model = load_hf_model(model_path, cfg)
+    if trainable and cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not trainable:
+        model.requires_grad_(False)
+    if fsdp:
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
+        compute = DTYPES[cfg.dtype]
+        mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != torch.float32 else None
+        kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
+        block_names = set(model._no_split_modules or ())
+        blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+        if not blocks:
+            logger.warning("no %s blocks found: FSDP2 shards the whole model as one unit", sorted(block_names))
+        for block in blocks:
+            fully_shard(block, **kwargs)
+        fully_shard(model, **kwargs)
+    else:
+        model.to(device)
+    model.train(trainable)
+    return model
+
+
+def token_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float, entropy: str = "none",
+                   autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Log-probs of the response tokens under `model`, as [R, T] (zeros at padding).
+
+    logits are divided by the sampling temperature (vLLM's processed_logprobs do the same).
+    entropy: "none", "no_grad" (metric only) or "grad" (an entropy bonus is trained on).
+    """
+    kwargs = {"input_ids": mb.input_ids, "use_cache": False, **mb.extra_inputs}
+    if mb.packed:
+        kwargs |= {"position_ids": mb.position_ids, "logits_to_keep": mb.logits_index}
+    else:
+        kwargs |= {"attention_mask": mb.attention_mask}
+    cast = (torch.autocast(mb.input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
+            else contextlib.nullcontext())
+    with cast:
+        logits = model(**kwargs).logits
+    logits = logits[0] if mb.packed else logits.reshape(-1, logits.shape[-1])[mb.logits_index]
+    logits = logits.float()
+    if temperature > 0 and temperature != 1.0:
+        logits = logits / temperature
+    log_probs = torch.log_softmax(logits, dim=-1)
+    picked = log_probs.gather(-1, mb.targets[:, None]).squeeze(-1)
+    out = picked.new_zeros(mb.response_mask.shape)
+    out[mb.response_mask] = picked
+    if entropy == "none":
+        return out, None
+    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
+        ent_flat = -(log_probs.exp() * log_probs).sum(-1)
+    ent = ent_flat.new_zeros(mb.response_mask.shape)
+    ent[mb.response_mask] = ent_flat
+    return out, ent
+
+
+def full_tensors(model: torch.nn.Module, dtype: torch.dtype, rank: int, include_frozen: bool,
+                 timer: list[float] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, full tensor in `dtype`) for each parameter, tied weights once. Every rank must
+    iterate (FSDP2 all-gathers each sharded tensor); only rank 0 yields. Time spent gathering
+    is added to timer[0]."""
+    for name, param in model.named_parameters():
+        if not (param.requires_grad or include_frozen):
+            continue  # frozen weights (e.g. a fixed vision tower) never change on the engines
+        start = time.perf_counter()
+        full = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+        if timer is not None:
+            timer[0] += time.perf_counter() - start
+        if rank == 0:
+            yield name, full.detach().to(dtype).contiguous()
+
+
+def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
+    """Multiplier of the peak lr for optimizer step `step` (0-based).
+
+    warm-up: (step + 1) / warmup_steps for step < warmup_steps; then with
+    p = (step - warmup_steps) / max(1, total_steps - warmup_steps):
+    constant: 1;  linear: 1 - p;  cosine: (1 + cos(pi * p)) / 2.  Never below 0.
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    if schedule == "linear":
+        return max(0.0, 1.0 - progress)
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int, schedule: str):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, partial(lr_factor, warmup_steps=warmup_steps, total_steps=total_steps, schedule=schedule))
