@@ -1,0 +1,278 @@
+"""Unit tests of the weight-sync component: names, buckets, vLLM-version payloads, the gloo wire
+protocol between two threads, and the coordinator's failure handling (fake servers). No engine."""
+
+import asyncio
+import threading
+
+import pytest
+import torch
+
+from verl_async.config.sync import SyncConfig
+from verl_async.sync import compat
+from verl_async.sync.buckets import ALIGN, bucket_layout, pack, plan_buckets, unpack
+from verl_async.sync.names import (
+    VISION_TOWER_PREFIXES,
+    check_metas,
+    checkpoint_name,
+    select_weights,
+    sync_tensor_metas,
+)
+from verl_async.types import TensorMeta
+
+# ---- names ------------------------------------------------------------------------------------
+
+
+def test_checkpoint_name_strips_wrappers():
+    assert checkpoint_name("model._fsdp_wrapped_module.layers.0._checkpoint_wrapped_module.mlp.up_proj.weight") \
+        == "model.layers.0.mlp.up_proj.weight"
+    assert checkpoint_name("_orig_mod.model.norm.weight") == "model.norm.weight"
+    assert checkpoint_name("module.lm_head.weight") == "lm_head.weight"
+    assert checkpoint_name("model.language_model.layers.1.self_attn.q_proj.weight") \
+        == "model.language_model.layers.1.self_attn.q_proj.weight"
+
+
+def _params(**named):
+    out = []
+    for name, (shape, grad) in named.items():
+        p = torch.nn.Parameter(torch.zeros(shape), requires_grad=grad)
+        out.append((name.replace("__", "."), p))
+    return out
+
+
+def test_select_weights_tied_frozen_and_vision_tower():
+    named = _params(model__embed_tokens__weight=([8, 4], True), lm_head__weight=([8, 4], True),
+                    model__visual__blocks__0__w=([2], False), model__language_model__norm__weight=([4], True),
+                    model__frozen__bias=([3], False))
+    assert [n for n, _ in select_weights(named, tied=True)] == [
+        "model.embed_tokens.weight", "model.visual.blocks.0.w", "model.language_model.norm.weight", "model.frozen.bias"]
+    assert [n for n, _ in select_weights(named, tied=False, skip_prefixes=VISION_TOWER_PREFIXES)] == [
+        "model.embed_tokens.weight", "lm_head.weight", "model.language_model.norm.weight", "model.frozen.bias"]
+    assert [n for n, _ in select_weights(named, tied=True, skip_frozen=True)] == [
+        "model.embed_tokens.weight", "model.language_model.norm.weight"]
+    metas = sync_tensor_metas(named, tied=True, skip_frozen=True)
+    assert metas == [TensorMeta("model.embed_tokens.weight", "float32", [8, 4]),
+                     TensorMeta("model.language_model.norm.weight", "float32", [4])]
+
+
+def test_check_metas_names_every_problem():
+    expected = {"a.weight": [4, 2], "b.weight": [3]}
+    check_metas([TensorMeta("a.weight", "bfloat16", [4, 2])], expected, what="the engine")  # subset is fine
+    with pytest.raises(ValueError) as err:
+        check_metas([TensorMeta("a.weight", "float32", [2, 4]), TensorMeta("zzz", "float32", [1]),
+                     TensorMeta("b.weight", "float32", [3]), TensorMeta("b.weight", "float32", [3])],
+                    expected, what="the engine")
+    msg = str(err.value)
+    assert "'a.weight' has shape [2, 4], the engine expects [4, 2]" in msg
+    assert "'zzz' is unknown to the engine" in msg
+    assert "'b.weight' is sent twice" in msg
+    assert "before any data moved" in msg
+
+
+def test_tiny_skeleton_matches_trainer_names(tiny_path):
+    """The engine's check (a meta-device transformers skeleton of its config) accepts exactly what
+    the trainer sends for the tied tiny model: lm_head is not a separate tensor."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from verl_async.sync.gloo_engine import checkpoint_shapes
+
+    config = AutoConfig.from_pretrained(tiny_path)
+    expected = checkpoint_shapes(config)
+    assert "lm_head.weight" not in expected
+    model = AutoModelForCausalLM.from_pretrained(tiny_path)
+    metas = sync_tensor_metas(model.named_parameters(), tied=config.tie_word_embeddings)
+    check_metas(metas, expected, what="tiny")
+    assert {m.name for m in metas} == set(expected)
+
+
+# ---- buckets ----------------------------------------------------------------------------------
+
+
+def test_plan_buckets_rule():
+    assert plan_buckets([], 64) == []
+    assert plan_buckets([8, 8, 8], 16) == [range(0, 2), range(2, 3)]
+    assert plan_buckets([100, 8, 8], 16) == [range(0, 1), range(1, 3)]  # oversized travels alone
+    assert plan_buckets([3, 3], 16) == [range(0, 2)]  # padded to 8 each
+    assert plan_buckets([3, 3, 3], 16) == [range(0, 2), range(2, 3)]
+
+
+def test_pack_unpack_roundtrip_mixed_dtypes():
+    g = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(3, 5, generator=g).to(torch.bfloat16), torch.randn(7, generator=g),
+               torch.randint(0, 100, (2, 3), generator=g), torch.randn(4, 4, generator=g).t(),  # non-contiguous
+               torch.tensor(2.5, dtype=torch.float64)]
+    metas = [TensorMeta(f"t{i}", str(t.dtype).removeprefix("torch."), list(t.shape)) for i, t in enumerate(tensors)]
+    buf = pack(tensors)
+    assert buf.numel() % ALIGN == 0 and buf.numel() == bucket_layout(metas, 1 << 30)[0].nbytes
+    for (name, got), want in zip(unpack(buf, metas), tensors, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want), name
+
+
+# ---- vLLM-version payloads --------------------------------------------------------------------
+
+
+def test_payloads_match_the_installed_vllm():
+    """Whatever the version puts where, the payloads parse into vLLM's own NCCL dataclasses."""
+    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferInitInfo, NCCLWeightTransferUpdateInfo
+
+    metas = [TensorMeta("w", "bfloat16", [2, 3])]
+    init = compat.engine_init_info("nccl", master_address="h", master_port=1, rank_offset=1, world_size=2,
+                                   bucket_bytes=1 << 20, timeout_s=5.0)
+    update = compat.engine_update_info("nccl", metas, 1 << 20)
+    NCCLWeightTransferInitInfo(**init)
+    NCCLWeightTransferUpdateInfo(**update)
+    packed_in = init if compat.nccl_packed_in_init() else update
+    assert packed_in["packed"] is True and packed_in["packed_buffer_size_bytes"] == 1 << 20
+
+    from verl_async.sync.gloo_engine import GlooInitInfo, GlooUpdateInfo
+
+    GlooInitInfo(**compat.engine_init_info("gloo", master_address="h", master_port=1, rank_offset=1,
+                                           world_size=2, bucket_bytes=1 << 20, timeout_s=5.0))
+    assert GlooUpdateInfo(**compat.engine_update_info("gloo", metas, 1 << 20)).metas() == metas
+
+
+def test_weight_transfer_kwargs():
+    from verl_async.config._check import ConfigError
+    from verl_async.sync.engine_side import weight_transfer_kwargs
+
+    cpu = weight_transfer_kwargs(SyncConfig(), "cpu")
+    assert cpu["weight_transfer_config"].backend == compat.GLOO_BACKEND
+    assert cpu["worker_extension_cls"] == "verl_async.sync.gloo_engine.GlooWorkerExtension"
+    gpu = weight_transfer_kwargs(SyncConfig(), "cuda")
+    assert gpu == {"weight_transfer_config": gpu["weight_transfer_config"]}
+    assert gpu["weight_transfer_config"].backend == "nccl"
+    with pytest.raises(ConfigError, match="nccl needs CUDA"):
+        weight_transfer_kwargs(SyncConfig(backend="nccl"), "cpu")
+
+
+# ---- gloo wire protocol (two threads, no engine) ----------------------------------------------
+
+
+def _free_port():
+    from verl_async.sync.coordinator import free_port
+
+    return free_port()
+
+
+@pytest.mark.parametrize("bucket_bytes", [1 << 20, 1 << 30])
+def test_gloo_sender_to_receiver_roundtrip(bucket_bytes):
+    from verl_async.sync import gloo
+    from verl_async.sync.trainer_side import WeightSender
+
+    g = torch.Generator().manual_seed(1)
+    named = [("a", torch.randn(300, 1000, generator=g)), ("b", torch.randn(5, generator=g).to(torch.bfloat16)),
+             ("c", torch.randn(700, 700, generator=g)), ("d", torch.arange(9))]
+    metas = [TensorMeta(n, str(t.dtype).removeprefix("torch."), list(t.shape)) for n, t in named]
+    port = _free_port()
+    received: list[tuple[str, torch.Tensor]] = []
+
+    def receiver():
+        group = compat.gloo_group("127.0.0.1", port, 1, 2, 30.0)
+        assert not gloo.vote(group, False, 30.0)
+        for bucket in bucket_layout(metas, bucket_bytes):
+            buf = torch.empty(bucket.nbytes, dtype=torch.uint8)
+            gloo.broadcast(group, buf, 30.0)
+            received.extend(unpack(buf, bucket.metas))
+
+    thread = threading.Thread(target=receiver)
+    thread.start()
+    sender = WeightSender("gloo", "127.0.0.1", port, 2, 30.0)
+    stats = sender.send(iter(named), bucket_bytes)
+    thread.join(30)
+    assert [n for n, _ in received] == [n for n, _ in named]
+    for (_, got), (_, want) in zip(received, named, strict=True):
+        assert torch.equal(got, want)
+    assert stats["sync/bytes"] == sum(t.numel() * t.element_size() for _, t in named)
+    # a rejection: the receiver votes no, the sender raises before sending a byte; the group survives
+    errors = []
+
+    def rejecting():
+        group = compat.gloo_group("127.0.0.1", port2, 1, 2, 30.0)
+        errors.append(gloo.vote(group, True, 30.0))
+
+    port2 = _free_port()
+    thread = threading.Thread(target=rejecting)
+    thread.start()
+    from verl_async.sync.trainer_side import WeightRejected
+
+    with pytest.raises(WeightRejected, match="rejected the weight update before any data moved"):
+        WeightSender("gloo", "127.0.0.1", port2, 2, 30.0).send(iter(named), bucket_bytes)
+    thread.join(30)
+    assert errors == [True]
+
+
+# ---- coordinator failure handling (fake servers) ----------------------------------------------
+
+
+class _FakeServer:
+    def __init__(self, fail_update: bool = False, hang_update: bool = False):
+        self.calls: list[str] = []
+        self.fail_update, self.hang_update = fail_update, hang_update
+
+    async def init_weight_transfer(self, info):
+        self.calls.append("init")
+
+    async def pause(self, mode="keep", clear_cache=True):
+        assert mode == "keep"
+        self.calls.append("pause")
+
+    async def start_weight_update(self):
+        self.calls.append("start")
+
+    async def update_weights(self, info):
+        self.calls.append("update")
+        if self.fail_update:
+            raise ValueError("'x' is unknown to the engine")
+        if self.hang_update:
+            await asyncio.sleep(60)
+
+    async def finish_weight_update(self, policy_version):
+        self.calls.append(f"finish {policy_version}")
+
+    async def resume(self):
+        self.calls.append("resume")
+
+
+class _FakeSender:
+    def __init__(self, metas):
+        self.metas = metas
+
+    def init_weight_sender(self, backend, address, port, world_size, timeout_s):
+        assert backend == "gloo" and world_size == 3
+
+    def tensor_metas(self):
+        return self.metas
+
+    def send_weights(self, bucket_bytes):
+        return {"sync/bytes": 8.0, "sync/transfer_s": 0.01, "sync/gather_s": 0.0}
+
+
+def test_coordinator_phases_failures_and_preflight():
+    from verl_async.sync.coordinator import WeightSyncCoordinator, WeightSyncError
+
+    good = [TensorMeta("w", "float32", [2])]
+    servers = [_FakeServer(), _FakeServer()]
+    sender = _FakeSender(good)
+    coord = WeightSyncCoordinator(servers, sender, SyncConfig(timeout_s=2.0), device="cpu")
+    metrics = asyncio.run(coord.setup(policy_version=0))
+    assert servers[0].calls == ["init", "pause", "start", "update", "finish 0", "resume"]
+    for key in ("sync/pause_s", "sync/gather_s", "sync/transfer_s", "sync/resume_s", "sync/total_s",
+                "sync/bytes", "sync/GBps"):
+        assert key in metrics
+    # a wrong shape after the handshake: rejected before any server is touched
+    sender.metas = [TensorMeta("w", "float32", [3])]
+    with pytest.raises(WeightSyncError, match=r"'w' has shape \[3\]"):
+        asyncio.run(coord.sync(1))
+    assert servers[0].calls[-1] == "resume" and len(servers[0].calls) == 6
+    # an engine error mid-sync: raised with the server named, every server resumed
+    sender.metas = good
+    servers[1].fail_update = True
+    with pytest.raises(WeightSyncError, match=r"phase 'transfer'.*server 1: ValueError: 'x' is unknown"):
+        asyncio.run(coord.sync(2))
+    assert servers[0].calls[-1] == servers[1].calls[-1] == "resume"
+    assert "finish 2" not in servers[0].calls
+    # a hang: times out, names who did not answer, resumes
+    servers[1].fail_update, servers[1].hang_update = False, True
+    with pytest.raises(WeightSyncError, match=r"server 1: no answer before the 2 s deadline"):
+        asyncio.run(coord.sync(3))
+    assert servers[1].calls[-1] == "resume"
+    assert coord.policy_version == 0
