@@ -209,8 +209,13 @@ class TrainerWorker:
 
     @torch.no_grad()
     def _fill_logprobs(self, mbs: list[MicroBatch]) -> None:
-        """Before any update: proximal log-probs (decoupled_ppo) and reference log-probs (kl_coef > 0)."""
-        if self.algo.policy_loss == "decoupled_ppo":
+        """Before any update: proximal log-probs and reference log-probs (kl_coef > 0).
+
+        decoupled_ppo trains against the proximal log-probs. ppo does not, but when a step makes
+        several updates they are still computed so that train/mismatch_kl compares the rollout
+        with the pre-update weights on every token (one update: the training pass is pre-update)."""
+        updates = self.cfg.ppo_epochs * self.cfg.mini_batches
+        if self.algo.policy_loss == "decoupled_ppo" or updates > 1:
             self.model.eval()
             for mb in mbs:
                 mb.proximal_logprobs, _ = token_logprobs(self.model, mb, self.temperature, "none", self.autocast)
