@@ -1,0 +1,58 @@
+"""`ray job submit --working-dir . -- verl-async ...` against a head started on loopback."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_for(url: str, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            time.sleep(1)
+    raise TimeoutError(f"{url} did not come up in {timeout_s} s")
+
+
+def test_ray_job_submit_runs_a_short_job(tmp_path):
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    gcs, dash = _free_port(), _free_port()
+    # --block keeps the head in this child process: terminating it stops only this cluster.
+    head = subprocess.Popen(
+        [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
+         f"--temp-dir={tmp_path / 'ray'}", "--disable-usage-stats"],
+        env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        _wait_for(f"http://127.0.0.1:{dash}/api/version", timeout_s=180)
+        out = tmp_path / "run"
+        res = subprocess.run(
+            [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}",
+             "--", "verl-async", "pipeline.total_steps=2", "pipeline.batch_groups=4", "logging.wandb_mode=disabled",
+             "logging.progress_bar=false", "logging.plots=false", f"output_dir={out}"],
+            env=env, capture_output=True, text=True, timeout=900)
+        log = res.stdout + res.stderr
+        assert res.returncode == 0, log[-4000:]
+        assert "succeeded" in log, log[-4000:]
+        job_lines = [ln for ln in log.splitlines() if "verl_async" in ln]
+        assert "final metrics:" in job_lines[-2] or "final metrics:" in job_lines[-1], log[-4000:]
+        assert (out / "metrics.jsonl").exists()
+    finally:
+        head.terminate()
+        head.wait(timeout=60)

@@ -1,0 +1,49 @@
+"""Groups -> TrainBatch: advantages, loss masks and the staleness check at consumption. Pure."""
+
+from dataclasses import dataclass
+
+from verl_async.algorithms.advantages import compute_advantages
+from verl_async.pipeline.staleness import version_lag, within_bound
+from verl_async.types import FinishReason, Group, TrainBatch, TrainRow
+
+
+@dataclass
+class BatchStats:
+    """What forming one batch observed, for `staleness/` metrics."""
+
+    max_lag: int
+    mean_lag: float
+    truncated_frac: float
+
+
+def split_by_staleness(groups: list[Group], trainer_version: int, max_staleness: int) -> tuple[list[Group], list[Group]]:
+    """(fresh enough, too stale): the hard bound on the oldest token of each group."""
+    keep, drop = [], []
+    for g in groups:
+        (keep if within_bound(trainer_version, g.min_policy_version, max_staleness) else drop).append(g)
+    return keep, drop
+
+
+def build_train_batch(groups: list[Group], step: int, trainer_version: int, advantage: str,
+                      mask_truncated: bool = False) -> tuple[TrainBatch, BatchStats]:
+    """One row per sample with its group-normalised advantage. A truncated sample (finish
+    reason `length`) is trained with its reward, or fully masked when `mask_truncated`."""
+    advantages = compute_advantages([g.rewards for g in groups], method=advantage)
+    rows, lags, truncated = [], [], 0
+    for group, group_adv in zip(groups, advantages, strict=True):
+        for sample, adv in zip(group.samples, group_adv, strict=True):
+            gen = sample.generation
+            if gen.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH):
+                raise ValueError(f"request {gen.request_id} ended with {gen.finish_reason}: it must not reach training")
+            is_truncated = gen.finish_reason == FinishReason.LENGTH
+            truncated += is_truncated
+            keep = 0 if (is_truncated and mask_truncated) else 1
+            rows.append(TrainRow(
+                prompt_ids=gen.prompt_ids, response_ids=gen.response_ids, rollout_logprobs=gen.logprobs,
+                loss_mask=[keep] * len(gen.response_ids), advantage=adv, policy_versions=gen.policy_versions,
+                multi_modal_inputs=sample.multi_modal_data,
+            ))
+            lags += [version_lag(trainer_version, v) for v in gen.policy_versions]
+    stats = BatchStats(max_lag=max(lags, default=0), mean_lag=sum(lags) / max(len(lags), 1),
+                       truncated_frac=truncated / max(len(rows), 1))
+    return TrainBatch(rows=rows, step=step, policy_version=trainer_version), stats

@@ -1,0 +1,120 @@
+"""Start Ray (or join the cluster this job runs in) and place every role on its own resources.
+
+Rollout servers and trainer workers get separate placement groups sized from the cluster
+config (GPUs on cuda; CPU cores on a CPU machine, one vLLM engine bound per core).
+"""
+
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from verl_async.config import JobConfig
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Roles:
+    """Handles to everything the loop talks to."""
+
+    servers: list[Any]
+    server_infos: list[Any]
+    trainer: Any  # TrainerGroup
+    queue: Any  # SampleQueue actor
+    coordinator: Any  # WeightSyncCoordinator
+    rollouter: Any = None  # Rollouter actor, started by start_rollouter once the resume state is known
+
+    def shutdown(self) -> None:
+        import ray
+
+        for handle in [self.rollouter, self.queue, *self.servers]:
+            if handle is not None:
+                ray.kill(handle, no_restart=True)
+        self.trainer.shutdown()
+
+
+def init_ray(job: JobConfig, device: str) -> None:
+    """auto: join the cluster named by RAY_ADDRESS (set inside `ray job submit`), else start one."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = job.cluster.address
+    if address == "auto" and not os.environ.get("RAY_ADDRESS"):
+        address = "local"
+    if address == "local":
+        needed = (job.rollout.num_servers * job.cluster.cpus_per_rollout_server
+                  + job.trainer.num_workers * job.cluster.cpus_per_trainer_worker)
+        ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
+                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+    else:
+        ray.init(address=address)  # joining: resources come from the cluster
+    logger.info("ray: %s", ray.cluster_resources())
+
+
+def _placement_group(bundles: list[dict[str, float]], name: str):
+    import ray
+    from ray.util.placement_group import placement_group
+
+    pg = placement_group(bundles, strategy="PACK", name=name)
+    if not pg.wait(timeout_seconds=300):
+        raise RuntimeError(f"could not reserve {bundles} for {name} on the cluster ({ray.cluster_resources()}): "
+                           "lower rollout.num_servers / trainer.num_workers or add nodes.")
+    return pg
+
+
+def start_servers(job: JobConfig, device: str, model_path: str) -> tuple[list[Any], list[Any]]:
+    import ray
+    from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+    from verl_async.rollout.server import RolloutServer
+
+    r, c = job.rollout, job.cluster
+    gpus = r.tensor_parallel_size if device == "cuda" else 0
+    pg = _placement_group([{"CPU": c.cpus_per_rollout_server, "GPU": gpus} if gpus else
+                           {"CPU": c.cpus_per_rollout_server}] * r.num_servers, "rollout")
+    cores = os.cpu_count() or 1
+    servers = []
+    for i in range(r.num_servers):
+        env = {"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)} if device == "cpu" else {}
+        servers.append(ray.remote(RolloutServer).options(
+            num_cpus=c.cpus_per_rollout_server, num_gpus=gpus, runtime_env={"env_vars": env},
+            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
+        ).remote(i, model_path, job.model, r, job.sync, device))
+    infos = ray.get([s.start.remote() for s in servers])
+    return servers, infos
+
+
+def launch(job: JobConfig, device: str, model_path: str) -> Roles:
+    """Rollout servers, trainer workers, the sample queue and the weight-sync coordinator."""
+    import ray
+
+    from verl_async.pipeline.queue import SampleQueue
+    from verl_async.sync.coordinator import WeightSyncCoordinator
+    from verl_async.training.group import TrainerGroup
+
+    servers, infos = start_servers(job, device, model_path)
+    c = job.cluster
+    trainer_pg = _placement_group([{"CPU": c.cpus_per_trainer_worker, "GPU": 1} if device == "cuda" else
+                                   {"CPU": c.cpus_per_trainer_worker}] * job.trainer.num_workers, "trainer")
+    trainer = TrainerGroup(model_path, job.model, job.trainer, job.algorithm, job.pipeline.total_steps, device,
+                           temperature=job.rollout.temperature, cpus_per_worker=c.cpus_per_trainer_worker,
+                           placement_group=trainer_pg)
+    p = job.pipeline
+    queue = ray.remote(SampleQueue).options(num_cpus=0).remote(capacity=p.batch_groups * (p.max_staleness + 2))
+    coordinator = WeightSyncCoordinator(servers, trainer.sender, job.sync, device=device,
+                                        workers_per_server=job.rollout.tensor_parallel_size)
+    return Roles(servers, infos, trainer, queue, coordinator)
+
+
+def start_rollouter(job: JobConfig, roles: Roles, model_path: str, start) -> None:
+    """The rollouter begins where the checkpoint left off (data position, rows in flight)."""
+    import ray
+
+    from verl_async.pipeline.rollouter import Rollouter
+
+    roles.rollouter = ray.remote(Rollouter).options(num_cpus=0).remote(
+        roles.servers, roles.server_infos, model_path, job.rollout, job.data, job.pipeline, job.algorithm,
+        roles.queue, engine_version=start.step, position=start.position, pending_rows=start.pending_rows,
+        restored_groups=len(start.queued_groups))

@@ -1,0 +1,208 @@
+"""The rollouter (a Ray actor; plain class here): prompts -> scored groups -> sample queue.
+
+It runs one producer loop: take a prompt, expand it into `rollout.n` requests on one server
+(prefix caching), score the finished samples off the event loop, drop zero-variance groups
+(dynamic sampling, counted), and put the group into the queue. Admission control
+(pipeline/staleness.py) decides when a new group may start.
+"""
+
+import asyncio
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass, field
+
+from verl_async.algorithms.advantages import is_zero_variance
+from verl_async.config import AlgorithmConfig, DataConfig, PipelineConfig, RolloutConfig
+from verl_async.data.prompts import encode_text_prompt
+from verl_async.data.source import DataPosition, make_source
+from verl_async.pipeline.staleness import admission_capacity
+from verl_async.rewards import resolve_reward
+from verl_async.rollout.sampling import PromptTooLongError
+from verl_async.types import FinishReason, Generation, Group, PromptRow, Sample
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class RolloutCounts:
+    """The rollouter's side of the ledger (monotone)."""
+
+    read: int = 0
+    rejected: int = 0
+    filtered: int = 0
+    failed: int = 0
+    delivered: int = 0
+    in_flight: int = 0
+
+
+@dataclass
+class _Window:
+    """Per-report accumulators, reset by `pop_metrics`."""
+
+    rewards: list[float] = field(default_factory=list)
+    response_lens: list[int] = field(default_factory=list)
+    tokens: int = 0
+    idle_s: float = 0.0
+    started: float = field(default_factory=time.monotonic)
+
+
+class Rollouter:
+    def __init__(self, servers: list, server_infos: list, model_path: str, rollout: RolloutConfig,
+                 data: DataConfig, pipeline: PipelineConfig, algorithm: AlgorithmConfig, queue,
+                 engine_version: int = 0, position: DataPosition | None = None,
+                 pending_rows: list[PromptRow] | None = None, restored_groups: int = 0):
+        from transformers import AutoTokenizer
+
+        from verl_async.rollout.manager import RolloutManager
+
+        self.manager = RolloutManager(servers, server_infos, rollout)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.rollout, self.data, self.pipeline, self.algorithm = rollout, data, pipeline, algorithm
+        self.source = make_source(data, position)
+        self.reward_fn = resolve_reward(data.reward_fn)
+        self.queue = queue
+        self.engine_version = engine_version
+        self.stale_dropped = 0
+        # groups put back into the queue from a checkpoint were read and delivered before it
+        self.counts = RolloutCounts(read=restored_groups, delivered=restored_groups)
+        self.pending_rows = list(pending_rows or [])  # in flight at the last checkpoint: regenerated first
+        self._inflight_rows: dict[str, PromptRow] = {}
+        self._window = _Window()
+        self._idle_since: float | None = time.monotonic()
+        self._wake = asyncio.Event()
+        self._delivery = asyncio.Lock()  # a checkpoint snapshot sees each group exactly once
+        self._task: asyncio.Task | None = None
+        self._error: BaseException | None = None
+        self._stopped = False
+
+    # ---- control (called by the driver) ----
+    async def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._produce())
+
+    async def on_step(self, engine_version: int, stale_dropped_total: int) -> None:
+        """Tell the rollouter the engines' policy_version and how many groups the queue dropped."""
+        self.engine_version = engine_version
+        self.stale_dropped = stale_dropped_total
+        self._wake.set()
+
+    async def stop(self) -> RolloutCounts:
+        """Stop producing; the groups still in flight are reported as such, then aborted."""
+        if self._task:
+            self._task.cancel()
+        final = dataclasses.replace(self.counts)
+        self._stopped = True
+        await self.manager.abort_all()
+        return final
+
+    def health(self) -> str | None:
+        """None while healthy, else the error that stopped the producer loop."""
+        return None if self._error is None else repr(self._error)
+
+    # ---- the producer loop ----
+    def _capacity(self) -> int:
+        committed = (self.counts.read - self.counts.rejected - self.counts.filtered - self.counts.failed
+                     - self.stale_dropped)
+        cap = admission_capacity(self.engine_version, committed, self.pipeline.batch_groups, self.pipeline.max_staleness)
+        limit = self.pipeline.max_inflight_groups or self.pipeline.batch_groups * (self.pipeline.max_staleness + 1)
+        return min(cap, limit - self.counts.in_flight)
+
+    async def _produce(self) -> None:
+        try:
+            while True:
+                while self._capacity() <= 0:
+                    self._wake.clear()
+                    await self._wake.wait()
+                row = self.pending_rows.pop(0) if self.pending_rows else self.source.next()
+                self.counts.read += 1
+                self.counts.in_flight += 1
+                group_id = f"{row.prompt_id}#{self.counts.read}"
+                self._inflight_rows[group_id] = row
+                asyncio.get_running_loop().create_task(self._rollout_group(row, group_id))
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # actor boundary: remember, log, and let health() report it
+            self._error = e
+            logger.exception("rollouter producer loop failed")
+            raise
+
+    async def _rollout_group(self, row: PromptRow, group_id: str) -> None:
+        self._mark_busy()
+        try:
+            prompt = encode_text_prompt(row, self.tokenizer)
+            gens = await asyncio.gather(*[
+                self.manager.generate(row.prompt_id, f"{group_id}/{i}", prompt, affinity_key=group_id)
+                for i in range(self.rollout.n)])
+            await self._deliver(row, group_id, gens)
+        except PromptTooLongError:
+            self.counts.rejected += 1  # counted and logged by the manager with the prompt id
+        except Exception as e:  # one bad group must not stop the rollout: count it, log it
+            if self._stopped:
+                return
+            self.counts.failed += 1
+            logger.exception("group %s failed: %s", group_id, e)
+        finally:
+            self.counts.in_flight -= 1
+            self._inflight_rows.pop(group_id, None)
+            self._mark_idle_if_empty()
+            self._wake.set()
+
+    async def _deliver(self, row: PromptRow, group_id: str, gens: list[Generation]) -> None:
+        if self._stopped:
+            return  # aborted by stop(): reported as in flight at the end
+        if any(g.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH) for g in gens):
+            self.counts.failed += 1
+            logger.warning("group %s has aborted/failed requests: not trained on", group_id)
+            return
+        texts = [self.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
+        rewards = await asyncio.to_thread(
+            lambda: [float(self.reward_fn(t, row.ground_truth, row.extra_info)) for t in texts])
+        self._window.rewards += rewards
+        self._window.response_lens += [len(g.response_ids) for g in gens]
+        self._window.tokens += sum(len(g.response_ids) for g in gens)
+        if self.algorithm.drop_zero_variance_groups and is_zero_variance(rewards):
+            self.counts.filtered += 1
+            return
+        samples = [Sample(row.prompt_id, group_id, g, r) for g, r in zip(gens, rewards, strict=True)]
+        async with self._delivery:
+            await self.queue.put.remote(Group(row.prompt_id, samples))
+            self.counts.delivered += 1
+            self._inflight_rows.pop(group_id, None)
+
+    # ---- idle accounting and metrics ----
+    def _mark_busy(self) -> None:
+        if self._idle_since is not None:
+            self._window.idle_s += time.monotonic() - self._idle_since
+            self._idle_since = None
+
+    def _mark_idle_if_empty(self) -> None:
+        if self.counts.in_flight == 0 and self._idle_since is None:
+            self._idle_since = time.monotonic()
+
+    async def pop_metrics(self) -> dict[str, float]:
+        w, now = self._window, time.monotonic()
+        idle = w.idle_s + (now - self._idle_since if self._idle_since is not None else 0.0)
+        elapsed = max(now - w.started, 1e-9)
+        out = {
+            "rollout/reward_mean": sum(w.rewards) / len(w.rewards) if w.rewards else float("nan"),
+            "rollout/response_len_mean": sum(w.response_lens) / len(w.response_lens) if w.response_lens else float("nan"),
+            "rollout/tokens": float(w.tokens),
+            "perf/rollout_tokens_per_s": w.tokens / elapsed,
+            "perf/rollout_idle_ratio": min(1.0, idle / elapsed),
+            "rollout/groups_filtered": float(self.counts.filtered),
+            "rollout/groups_failed": float(self.counts.failed),
+            "rollout/in_flight_groups": float(self.counts.in_flight),
+        }
+        out |= await self.manager.stats()
+        self._window = _Window()
+        if self._idle_since is not None:
+            self._idle_since = now
+        return out
+
+    async def checkpoint_state(self) -> dict:
+        """Data position, rows still in flight (regenerated on resume) and the queued groups,
+        taken together under the delivery lock so no group is both or neither."""
+        async with self._delivery:
+            queued = await self.queue.snapshot.remote()
+            pending = list(self.pending_rows) + list(self._inflight_rows.values())
+            return {"position": self.source.position, "pending_rows": pending, "queued_groups": queued}
