@@ -62,7 +62,7 @@ def test_check_metas_names_every_problem():
                      TensorMeta("b.weight", "float32", [3]), TensorMeta("b.weight", "float32", [3])],
                     expected, what="the engine")
     msg = str(err.value)
-    assert "'a.weight' has shape [2, 4], the engine expects [4, 2]" in msg
+    assert "'a.weight' has shape [2, 4] where the engine has [4, 2]" in msg
     assert "'zzz' is unknown to the engine" in msg
     assert "'b.weight' is sent twice" in msg
     assert "before any data moved" in msg
@@ -112,7 +112,10 @@ def test_pack_unpack_roundtrip_mixed_dtypes():
 
 def test_payloads_match_the_installed_vllm():
     """Whatever the version puts where, the payloads parse into vLLM's own NCCL dataclasses."""
-    from vllm.distributed.weight_transfer.nccl_engine import NCCLWeightTransferInitInfo, NCCLWeightTransferUpdateInfo
+    from vllm.distributed.weight_transfer.nccl_engine import (
+        NCCLWeightTransferInitInfo,
+        NCCLWeightTransferUpdateInfo,
+    )
 
     metas = [TensorMeta("w", "bfloat16", [2, 3])]
     init = compat.engine_init_info("nccl", master_address="h", master_port=1, rank_offset=1, world_size=2,

@@ -85,7 +85,7 @@ def check_metas(metas: Sequence[TensorMeta], expected: Mapping[str, Sequence[int
         if m.name not in expected:
             problems.append(f"{m.name!r} is unknown to {what}")
         elif list(expected[m.name]) != list(m.shape):
-            problems.append(f"{m.name!r} has shape {list(m.shape)}, {what} expects {list(expected[m.name])}")
+            problems.append(f"{m.name!r} has shape {list(m.shape)} where {what} has {list(expected[m.name])}")
     if problems:
         shown = "; ".join(problems[:8]) + (f"; and {len(problems) - 8} more" if len(problems) > 8 else "")
         raise ValueError(
