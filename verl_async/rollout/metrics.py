@@ -9,6 +9,7 @@ are reported apart, so `rollout/preemptions` keeps meaning memory pressure.
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,64 @@ class EngineMetrics:
         out = self.values()
         self.gauges["rollout/kv_cache_usage_peak"] = self.gauges["rollout/kv_cache_usage"]
         return out
+
+
+@dataclass
+class _Reset:
+    after: float  # engine time of the resume before the pause
+    resumed_at: float  # engine time of the resume after it
+    running: int  # requests running at the pause (from the last step inside the window)
+
+
+class SyncResets:
+    """Counts the requests clear_cache pauses reset (vLLM counts each as a preemption).
+
+    A keep pause with clear_cache resets every request running at the pause: the running
+    count of the last engine step before it. The frontend may process that step after the
+    resume, so a reset stays pending until a step after the resume is seen. Steps are placed
+    in time by `latest_ts`, the newest engine timestamp of any request's last token (steps
+    are processed in order, so it grows with each step that produced a token).
+    """
+
+    def __init__(self):
+        self._pending: list[_Reset] = []
+        self._prev_resume = 0.0
+        self._step_ts = 0.0
+
+    @property
+    def pending(self) -> bool:
+        return bool(self._pending)
+
+    def on_resume(self, resumed_at: float, reset: bool, latest_ts: float, num_running: int) -> None:
+        """At a resume; `reset`: the pause cleared the cache in keep mode. `num_running` is the
+        engine's latest reported running count, valid for the pause if latest_ts is after the
+        previous resume (else no step ran in between and nothing was running)."""
+        if reset:
+            running = num_running if latest_ts > self._prev_resume else 0
+            self._pending.append(_Reset(self._prev_resume, resumed_at, running))
+        self._prev_resume = resumed_at
+        self._step_ts = max(self._step_ts, latest_ts)
+
+    def on_step(self, latest_ts: float, num_running: int | None) -> int:
+        """After the frontend processed a step; returns the resets now known to be complete."""
+        newer = latest_ts > self._step_ts
+        self._step_ts = max(self._step_ts, latest_ts)
+        settled, keep = 0, []
+        for r in self._pending:
+            if latest_ts > r.resumed_at:
+                settled += r.running
+            else:
+                if newer and latest_ts > r.after and num_running is not None:
+                    r.running = num_running  # a step inside the window processed late: the truth
+                keep.append(r)
+        self._pending = keep
+        return settled
+
+    def flush(self) -> int:
+        """Settle everything pending (e.g. at shutdown)."""
+        settled = sum(r.running for r in self._pending)
+        self._pending = []
+        return settled
 
 
 def stat_logger_factory(on_step: Callable[[object, object], None]):

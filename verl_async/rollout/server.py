@@ -11,7 +11,12 @@ from dataclasses import dataclass
 
 from verl_async.config import ModelConfig, RolloutConfig, SyncConfig
 from verl_async.rollout.engine import engine_args
-from verl_async.rollout.metrics import EngineMetrics, serve_prometheus, stat_logger_factory
+from verl_async.rollout.metrics import (
+    EngineMetrics,
+    SyncResets,
+    serve_prometheus,
+    stat_logger_factory,
+)
 from verl_async.rollout.sampling import PromptTooLongError, clamp_max_tokens, sampling_params
 from verl_async.rollout.versions import VersionTracker
 from verl_async.types import EnginePrompt, FinishReason, Generation
@@ -32,14 +37,6 @@ class ServerInfo:
     vllm_version: str
 
 
-@dataclass
-class _PendingReset:
-    """A clear_cache keep pause whose reset count is known once the first post-resume step is seen."""
-
-    resumed_at: float
-    running: int  # the engine's running requests in the last step before the pause
-
-
 class RolloutServer:
     """One AsyncLLM per instance (one per Ray actor: vLLM's Prometheus registry is per process)."""
 
@@ -58,7 +55,7 @@ class RolloutServer:
         self._pending_version: int | None = None  # set by a weight update, live at the next resume
         self._paused = False
         self._reset_at_resume = False
-        self._pending_reset: _PendingReset | None = None
+        self._sync_resets = SyncResets()
         self._live_stats: dict[str, object] = {}  # request id -> vLLM's live RequestStateStats
         self._counters: dict[str, float] = {
             "rollout/requests_finished": 0.0, "rollout/requests_aborted": 0.0,
@@ -227,11 +224,9 @@ class RolloutServer:
         if self._pending_version is not None:
             self._versions.on_resume(self._pending_version, resumed_at, self._frontend_stats())
             self._pending_version = None
-        if self._reset_at_resume:
-            self._settle_pending_reset()
-            running = int(self._metrics.gauges["rollout/num_running"])
-            self._pending_reset = _PendingReset(resumed_at, running)
-            self._reset_at_resume = False
+        self._sync_resets.on_resume(resumed_at, self._reset_at_resume, self._latest_token_ts(),
+                                    int(self._metrics.gauges["rollout/num_running"]))
+        self._reset_at_resume = False
         await self._engine.resume_generation()
         self._paused = False
 
@@ -287,23 +282,16 @@ class RolloutServer:
 
     def _on_engine_step(self, scheduler_stats, iteration_stats) -> None:
         """Called by vLLM after it processed one engine step (see metrics.stat_logger_factory)."""
-        pending = self._pending_reset
-        if pending is not None:  # settle first: this step may carry the reset requests' preemption events
-            if self._post_resume_step_seen(pending.resumed_at):
-                self._settle_pending_reset()
-            elif scheduler_stats is not None:  # a late pre-pause step: its running count is the truth
-                pending.running = scheduler_stats.num_running_reqs
+        if self._sync_resets.pending:  # first: this step may carry the reset requests' preemption events
+            running = scheduler_stats.num_running_reqs if scheduler_stats is not None else None
+            self._metrics.add_sync_preemptions(self._sync_resets.on_step(self._latest_token_ts(), running))
         self._metrics.record(scheduler_stats, iteration_stats)
         self._versions.on_batch()
 
-    def _settle_pending_reset(self) -> None:
-        if self._pending_reset is not None:
-            self._metrics.add_sync_preemptions(self._pending_reset.running)
-            self._pending_reset = None
-
-    def _post_resume_step_seen(self, resumed_at: float) -> bool:
+    def _latest_token_ts(self) -> float:
+        """Engine time of the newest step that produced a token for any live request."""
         stats = list(self._frontend_stats().values()) + [s for s in self._live_stats.values() if s is not None]
-        return any(s.last_token_ts > resumed_at for s in stats)
+        return max((s.last_token_ts for s in stats), default=0.0)
 
     def _frontend_stats(self) -> dict[str, object]:
         """External request id -> the live RequestStateStats vLLM's frontend holds for it.
