@@ -221,7 +221,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="timed syncs per shape, each with requests in flight")
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--tokens", type=int, default=1024)
-    parser.add_argument("--warm-s", type=float, default=1.0, help="seconds of decoding before each sync")
+    parser.add_argument("--warm-s", type=float, default=0.5, help="seconds of decoding before each sync")
     parser.add_argument("--bucket-mib", type=int, default=1024)
     parser.add_argument("--keep-cache", action="store_true", help="pause with clear_cache=False")
     args = parser.parse_args()
