@@ -84,6 +84,32 @@ def test_tiny_skeleton_matches_trainer_names(tiny_path):
     assert {m.name for m in metas} == set(expected)
 
 
+
+def test_qwen3_vl_names_reach_the_vllm_loader():
+    """A Qwen3-VL trainer's names (transformers 5: model.visual., model.language_model., lm_head.)
+    pass the engine's check and map onto vLLM's Qwen3-VL modules; freezing the tower drops it."""
+    from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration
+    from vllm.model_executor.models.qwen3_vl import Qwen3VLForConditionalGeneration as VLLMQwen3VL
+
+    from verl_async.sync.gloo_engine import checkpoint_shapes
+
+    config = Qwen3VLConfig(
+        text_config=dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=False),
+        vision_config=dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=64,
+                           patch_size=16, spatial_merge_size=2, deepstack_visual_indexes=[0]),
+        architectures=["Qwen3VLForConditionalGeneration"])
+    model = Qwen3VLForConditionalGeneration(config)
+    tied = config.get_text_config().tie_word_embeddings
+    metas = sync_tensor_metas(model.named_parameters(), tied=tied)
+    check_metas(metas, checkpoint_shapes(config), what="the engine")
+    mapped = [VLLMQwen3VL.hf_to_vllm_mapper._map_name(m.name) for m in metas]
+    assert {n.split(".")[0] for n in mapped} == {"visual", "language_model"}
+    assert "language_model.lm_head.weight" in mapped
+    frozen_tower = sync_tensor_metas(model.named_parameters(), tied=tied, skip_prefixes=VISION_TOWER_PREFIXES)
+    assert frozen_tower and not any(m.name.startswith("model.visual.") for m in frozen_tower)
+    assert len(frozen_tower) < len(metas)
+
 # ---- buckets ----------------------------------------------------------------------------------
 
 
