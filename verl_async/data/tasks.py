@@ -2,6 +2,7 @@
 
 digits: "answer with digits only"; the reward is the share of digit characters in the
 answer, so a random model starts near the vocabulary's digit share and RL moves it up.
+colours (VL): name the colour of a solid image; needs a VL model (e.g. model.path=tiny-vl).
 """
 
 import random
@@ -28,7 +29,29 @@ def digits_task(num_prompts: int, seed: int) -> list[PromptRow]:
     return rows
 
 
-TASKS: dict[str, Callable[[int, int], list[PromptRow]]] = {"digits": digits_task}
+COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 220, 40),
+           "black": (10, 10, 10), "white": (245, 245, 245)}
+
+
+def colours_task(num_prompts: int, seed: int) -> list[PromptRow]:
+    """VL: one solid-colour image (PNG bytes, 32-160 px a side, so vision-token counts vary) and
+    "which colour is this image?"; the reward (rewards/colours.py) checks the colour named first."""
+    from verl_async.data.vision import solid_png
+
+    rng = random.Random(seed + 2)
+    rows = []
+    for i in range(num_prompts):
+        name = rng.choice(sorted(COLOURS))
+        size = (rng.choice(range(32, 161, 16)), rng.choice(range(32, 161, 16)))
+        text = rng.choice(["What colour is this image? Answer with one word.",
+                           "Name the colour of the image.", "Which colour is shown? Reply in one word."])
+        rows.append(PromptRow(prompt_id=f"colours-{seed}-{i}", data_source="colours", ground_truth=name,
+                              messages=[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}],
+                              images=[solid_png(COLOURS[name], size)]))
+    return rows
+
+
+TASKS: dict[str, Callable[[int, int], list[PromptRow]]] = {"digits": digits_task, "colours": colours_task}
 
 
 def generate_task(name: str, num_prompts: int, seed: int) -> list[PromptRow]:

@@ -7,7 +7,9 @@ import importlib
 from collections.abc import Callable
 from typing import Any
 
+from verl_async.rewards.colours import colours_reward
 from verl_async.rewards.digits import digits_reward
+from verl_async.rewards.geometry import geometry_reward
 from verl_async.rewards.math import gsm8k_reward
 
 RewardFn = Callable[[str, str, dict[str, Any]], float]
@@ -15,6 +17,8 @@ RewardFn = Callable[[str, str, dict[str, Any]], float]
 REWARDS: dict[str, RewardFn] = {
     "digits": digits_reward,
     "gsm8k": gsm8k_reward,
+    "geometry": geometry_reward,  # geo3k: final answer checked by math-verify
+    "colours": colours_reward,  # the generated VL task
 }
 
 
