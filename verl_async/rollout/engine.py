@@ -8,6 +8,7 @@ the weight-transfer settings come from the sync component.
 import logging
 
 from verl_async.config import ModelConfig, RolloutConfig, SyncConfig
+from verl_async.data.vision import is_vl_model
 
 logger = logging.getLogger(__name__)
 
@@ -22,8 +23,9 @@ def _weight_transfer_kwargs(sync: SyncConfig, device: str) -> dict:
 
 
 def engine_args(model_path: str, model: ModelConfig, rollout: RolloutConfig, sync: SyncConfig,
-                device: str):
-    """AsyncEngineArgs for one server. `device` is "cpu" or "cuda"."""
+                device: str, max_images_per_prompt: int = 1):
+    """AsyncEngineArgs for one server. `device` is "cpu" or "cuda". VL models take up to
+    `max_images_per_prompt` images per prompt (data.max_images_per_prompt) and no video."""
     from vllm.engine.arg_utils import AsyncEngineArgs
 
     if device not in ("cpu", "cuda"):
@@ -49,5 +51,7 @@ def engine_args(model_path: str, model: ModelConfig, rollout: RolloutConfig, syn
         kwargs["kv_cache_memory_bytes"] = rollout.kv_cache_memory_bytes
     if device == "cuda":
         kwargs["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+    if is_vl_model(model_path):
+        kwargs["limit_mm_per_prompt"] = {"image": max_images_per_prompt, "video": 0}
     kwargs.update(_weight_transfer_kwargs(sync, device))
     return AsyncEngineArgs(**kwargs)

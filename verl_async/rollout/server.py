@@ -41,8 +41,9 @@ class RolloutServer:
     """One AsyncLLM per instance (one per Ray actor: vLLM's Prometheus registry is per process)."""
 
     def __init__(self, server_index: int, model_path: str, model: ModelConfig, rollout: RolloutConfig,
-                 sync: SyncConfig, device: str):
+                 sync: SyncConfig, device: str, max_images_per_prompt: int = 1):
         self.server_index = server_index
+        self._max_images_per_prompt = max_images_per_prompt  # VL models: vLLM's limit_mm_per_prompt
         self._model_path = model_path
         self._model = model
         self._rollout = rollout
@@ -62,6 +63,7 @@ class RolloutServer:
             "rollout/token_conservation_errors": 0.0, "rollout/version_attribution_errors": 0.0,
             "rollout/version_checks": 0.0,  # requests whose versions vLLM (>= 0.32) confirmed
             "rollout/rejected_too_long": 0.0, "rollout/pauses": 0.0, "rollout/response_tokens": 0.0,
+            "rollout/prompt_length_mismatches": 0.0,  # our prompt length != vLLM's (e.g. vision tokens miscounted)
         }
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -71,7 +73,8 @@ class RolloutServer:
         import vllm
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = engine_args(self._model_path, self._model, self._rollout, self._sync, self._device)
+        args = engine_args(self._model_path, self._model, self._rollout, self._sync, self._device,
+                           max_images_per_prompt=self._max_images_per_prompt)
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self._on_engine_step)])
         self._frontend_stats()  # fail now, not at the first sync, if vLLM's frontend changed shape
         self._max_model_len = int(self._engine.model_config.max_model_len)
@@ -151,6 +154,11 @@ class RolloutServer:
         completion = final.outputs[0]
         reason = _FINISH_REASONS.get(completion.finish_reason, FinishReason.ERROR)
         self._check_conservation(request_id, budget, tokens, logprobs, final, reason)
+        if final.prompt_token_ids and len(final.prompt_token_ids) != prompt_len:
+            self._counters["rollout/prompt_length_mismatches"] += 1
+            logger.error("PROMPT LENGTH MISMATCH on server %d, request %s: we counted %d tokens, vLLM %d "
+                         "(clamping and the too-long check used ours)", self.server_index, request_id,
+                         prompt_len, len(final.prompt_token_ids))
         self._check_versions(request_id, versions, completion)
         self._counters["rollout/requests_finished"] += 1
         self._counters["rollout/response_tokens"] += len(tokens)
