@@ -10,7 +10,9 @@ from safetensors.torch import load_file
 from verl_async.config.algorithm import AlgorithmConfig
 from verl_async.config.model import ModelConfig
 from verl_async.config.trainer import TrainerConfig
+from verl_async.training.batching import make_micro_batches
 from verl_async.training.group import TrainerGroup
+from verl_async.training.model import load_hf_model, token_logprobs
 from verl_async.types import TrainBatch, TrainRow
 
 
@@ -58,6 +60,8 @@ def test_checkpoint_roundtrip_two_ranks(tiny_path, ray_session, tmp_path):
         fresh.export_hf(str(tmp_path / "loaded"))
         got = fresh.train_step(TrainBatch(rows=rows_for(1), step=1, policy_version=1))
         fresh.export_hf(str(tmp_path / "after_resume"))
+        probe = rows_for(2, n=5)
+        two_rank_logprobs = fresh.compute_logprobs(probe)  # each rank does its share, rank 0 returns all
     finally:
         fresh.shutdown()
 
@@ -72,6 +76,13 @@ def test_checkpoint_roundtrip_two_ranks(tiny_path, ray_session, tmp_path):
     after, resumed = weights(tmp_path / "after"), weights(tmp_path / "after_resume")
     for name in after:  # identical optimizer moments and lr: the update after resuming is the same
         torch.testing.assert_close(resumed[name], after[name], rtol=0, atol=1e-6)
+
+    reference = load_hf_model(str(tmp_path / "after_resume"), ModelConfig()).eval()
+    for row, lps in zip(probe, two_rank_logprobs, strict=True):
+        (mb,) = make_micro_batches([row], [0], 1000, pad_id=0)
+        with torch.no_grad():
+            expected_lp, _ = token_logprobs(reference, mb, temperature=1.0)
+        assert lps == pytest.approx(expected_lp[0].tolist(), abs=1e-5)
 
     # the exported folder is a complete HF model with its tokenizer (vLLM loading it: test_logprob_parity)
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -83,9 +83,10 @@ def test_step_updates_all_params_and_loss_goes_down(tiny_path):
 
 
 def test_decoupled_tis_kl_entropy_step(tiny_path):
+    """Also the replicated (fsdp=False) path."""
     algo = AlgorithmConfig(policy_loss="decoupled_ppo", is_correction="tis", kl_coef=0.05, entropy_coef=0.01,
                            loss_agg="seq_mean")
-    worker = make_worker(tiny_path, algo, ppo_epochs=2, warmup_steps=2, lr_schedule="cosine")
+    worker = make_worker(tiny_path, algo, ppo_epochs=2, warmup_steps=2, lr_schedule="cosine", fsdp=False)
     try:
         assert worker.ref_model is not None
         rows = on_policy(worker, random_rows(6, seed=1))

@@ -28,7 +28,7 @@ class TrainerConfig:
     ppo_epochs: int = 1
     """Passes over each batch."""
     fsdp: bool = True
-    """GPU: shard parameters with FSDP2 across trainer workers."""
+    """Shard parameters with FSDP2 across trainer workers (nccl on GPU, gloo on CPU); False: replicate and all-reduce gradients."""
     checkpoint_every_steps: int = 0
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
     seed: int = 0

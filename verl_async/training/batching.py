@@ -180,9 +180,13 @@ def make_micro_batches(rows: list[TrainRow], row_ids: list[int], max_tokens: int
     return [build_micro_batch(rows, ids, pad_id, padded) for ids in plan]
 
 
-def dummy_micro_batch(pad_id: int) -> MicroBatch:
+def dummy_micro_batch(pad_id: int, like: TrainRow | None = None) -> MicroBatch:
     """A one-token pass with an empty loss mask. Ranks with fewer micro-batches run these so that
-    every rank makes the same number of forward/backward calls (FSDP2 collectives must match)."""
+    every rank makes the same number of forward/backward calls (FSDP2 collectives must match).
+    `like`: a VL row, copied with its loss masked, so the vision tower's blocks run too."""
+    if like is not None:
+        row = replace(like, loss_mask=[0] * len(like.loss_mask))
+        return replace(build_micro_batch([row], [0], pad_id, padded=True), row_ids=[])
     row = TrainRow(prompt_ids=[pad_id], response_ids=[pad_id], rollout_logprobs=[0.0], loss_mask=[0],
                    advantage=0.0, policy_versions=[0])
     return replace(build_micro_batch([row], [0], pad_id, padded=False), row_ids=[])

@@ -21,6 +21,16 @@ from verl_async.types import TensorMeta, TrainBatch, TrainMetrics, TrainRow
 logger = logging.getLogger(__name__)
 
 
+def gather(refs: list[Any]) -> list[Any]:
+    """ray.get that fails fast: the first rank to raise is reported at once, instead of waiting
+    on ranks that will sit in a collective until its timeout."""
+    pending = list(refs)
+    while pending:
+        ready, pending = ray.wait(pending, num_returns=1)
+        ray.get(ready)
+    return ray.get(refs)
+
+
 class TrainerGroup:
     """Spawns the workers (1 GPU each on cuda; cpus_per_worker CPUs each) and sets them up.
 
@@ -42,7 +52,7 @@ class TrainerGroup:
             self.workers.append(actor_cls.options(**options).remote(
                 rank, n, model_path, model, trainer, algorithm, total_steps, device, temperature))
         address, port = ray.get(self.workers[0].rendezvous_address.remote())
-        ray.get([w.setup.remote(address, port) for w in self.workers])
+        gather([w.setup.remote(address, port) for w in self.workers])
         self.sender = WeightSenderGroup(self.workers)
         logger.info("trainer group up: %d worker(s) on %s, rendezvous %s:%d", n, device, address, port)
 
@@ -51,7 +61,7 @@ class TrainerGroup:
         return [getattr(w, method).remote(*args) for w in self.workers]
 
     def _rank0(self, method: str, *args: Any) -> Any:
-        return ray.get(self._all(method, *args))[0]
+        return gather(self._all(method, *args))[0]
 
     def train_step(self, batch: TrainBatch) -> TrainMetrics:
         return self._rank0("train_step", ray.put(batch))
@@ -77,7 +87,7 @@ class TrainerGroup:
         return ray.get(self.workers[0].state.remote())
 
     def shutdown(self) -> None:
-        ray.get(self._all("shutdown"))
+        gather(self._all("shutdown"))
         for w in self.workers:
             ray.kill(w)
         self.workers = []
@@ -94,8 +104,8 @@ class WeightSenderGroup:
 
     def init_weight_sender(self, backend: str, master_address: str, master_port: int, world_size: int,
                            timeout_s: float) -> None:
-        ray.get([w.init_weight_sender.remote(backend, master_address, master_port, world_size, timeout_s)
-                 for w in self.workers])
+        gather([w.init_weight_sender.remote(backend, master_address, master_port, world_size, timeout_s)
+                for w in self.workers])
 
     async def init_weight_sender_async(self, backend: str, master_address: str, master_port: int, world_size: int,
                                        timeout_s: float) -> None:
@@ -103,7 +113,7 @@ class WeightSenderGroup:
                                                            timeout_s) for w in self.workers])
 
     def send_weights(self, bucket_bytes: int) -> dict[str, float]:
-        return ray.get([w.send_weights.remote(bucket_bytes) for w in self.workers])[0]
+        return gather([w.send_weights.remote(bucket_bytes) for w in self.workers])[0]
 
     async def send_weights_async(self, bucket_bytes: int) -> dict[str, float]:
         return (await asyncio.gather(*[w.send_weights.remote(bucket_bytes) for w in self.workers]))[0]

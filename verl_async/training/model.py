@@ -7,6 +7,7 @@ replicated and the worker all-reduces gradients itself (compute under autocast).
 """
 
 import contextlib
+import importlib.util
 import logging
 import math
 import time
@@ -24,13 +25,23 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def load_hf_model(model_path: str, cfg: ModelConfig) -> torch.nn.Module:
+def attention_backend(device: torch.device) -> str:
+    """flash_attention_2 on GPU when installed (packed rows become varlen attention, cost
+    sum(len^2)); otherwise sdpa, where packed rows get a block-diagonal mask (cost L^2 per
+    micro-batch: keep micro_batch_max_tokens moderate)."""
+    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
+        return "flash_attention_2"
+    return "sdpa"
+
+
+def load_hf_model(model_path: str, cfg: ModelConfig, attn_implementation: str = "sdpa") -> torch.nn.Module:
     """The HF model in fp32 on CPU. Configs with a vision tower load through the image-text class."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
     hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     auto = AutoModelForImageTextToText if "vision_config" in hf_config.to_dict() else AutoModelForCausalLM
-    model = auto.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+    model = auto.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
+                                 attn_implementation=attn_implementation)
     model.config.use_cache = False
     return model
 
@@ -38,11 +49,13 @@ def load_hf_model(model_path: str, cfg: ModelConfig) -> torch.nn.Module:
 def build_model(model_path: str, cfg: ModelConfig, device: torch.device, fsdp: bool, trainable: bool) -> torch.nn.Module:
     """Load, optionally checkpoint activations, shard (fsdp) or move to `device`.
     A non-trainable model (the KL reference) is frozen and kept in eval mode."""
-    model = load_hf_model(model_path, cfg)
+    model = load_hf_model(model_path, cfg, attention_backend(device))
     if trainable and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
         model.requires_grad_(False)
+    elif cfg.freeze_vision_tower:
+        freeze_vision_tower(model)
     if fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
@@ -64,6 +77,33 @@ def build_model(model_path: str, cfg: ModelConfig, device: torch.device, fsdp: b
     return model
 
 
+def freeze_vision_tower(model: torch.nn.Module) -> None:
+    """model.freeze_vision_tower: the vision tower is not trained, so syncs never send it."""
+    from verl_async.sync.names import VISION_TOWER_PREFIXES
+
+    tower = [p for name, p in model.named_parameters() if name.startswith(VISION_TOWER_PREFIXES)]
+    if not tower:
+        raise ValueError(f"model.freeze_vision_tower=true, but the model has no {VISION_TOWER_PREFIXES} "
+                         "parameters: set it to false for a text model.")
+    for p in tower:
+        p.requires_grad_(False)
+    logger.info("vision tower frozen: %.1fM parameters", sum(p.numel() for p in tower) / 1e6)
+
+
+def vision_token_inputs(config, mb: MicroBatch) -> dict[str, torch.Tensor]:
+    """Qwen-VL inputs derived from the token ids. mm_token_type_ids (1 image slot, 2 video slot): the
+    model builds its multimodal rotary positions from them. A vision pad token in a response is fed
+    as padding: only the prompt's slots hold images (the rollout stops at such a token, so it is the
+    last one and no trained log-prob depends on its input)."""
+    ids = mb.input_ids.clone()
+    flat = ids.view(-1)
+    response_pos = mb.logits_index + 1
+    pads = torch.tensor([config.image_token_id, config.video_token_id], device=ids.device)
+    flat[response_pos[torch.isin(flat[response_pos], pads)]] = config.get_text_config().pad_token_id or 0
+    types = (ids == config.image_token_id).int() + 2 * (ids == config.video_token_id).int()
+    return {"input_ids": ids, "mm_token_type_ids": types}
+
+
 def token_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float, entropy: str = "none",
                    autocast_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Log-probs of the response tokens under `model`, as [R, T] (zeros at padding).
@@ -72,6 +112,8 @@ def token_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float, e
     entropy: "none", "no_grad" (metric only) or "grad" (an entropy bonus is trained on).
     """
     kwargs = {"input_ids": mb.input_ids, "use_cache": False, **mb.extra_inputs}
+    if "image_grid_thw" in mb.extra_inputs:  # Qwen-VL rows (padded layout: the model derives mrope positions)
+        kwargs |= vision_token_inputs(model.config, mb)
     if mb.packed:
         kwargs |= {"position_ids": mb.position_ids, "logits_to_keep": mb.logits_index}
     else:

@@ -199,7 +199,8 @@ class TrainerWorker:
         budget = self.cfg.micro_batch_max_tokens
         most = max(len(plan_micro_batches(s, lengths, budget, padded)) for s in shards)
         mbs = make_micro_batches(rows, shards[self.rank], budget, self.pad_id, padded)
-        mbs += [dummy_micro_batch(self.pad_id) for _ in range(most - len(mbs))]
+        like = rows[row_ids[0]] if padded else None  # VL: padding passes run the vision tower too
+        mbs += [dummy_micro_batch(self.pad_id, like) for _ in range(most - len(mbs))]
         return [mb.to(self.device) for mb in mbs]
 
     def _normaliser(self, rows: list[TrainRow], row_ids: list[int]) -> int:
