@@ -2,14 +2,14 @@
 PYTHON ?= python3
 VENV := .venv
 STAMP := $(VENV)/.setup-stamp
-UV := $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
+UV := $(PYTHON) -m uv
 
 .PHONY: setup demo test test-all lint clean
 
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml constraints/cpu-override.txt
-	@command -v uv >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet --user uv || $(PYTHON) -m pip install --quiet uv
+	@$(UV) --version >/dev/null 2>&1 || $(PYTHON) -m pip install --quiet uv
 	$(UV) venv --quiet --allow-existing --python $(PYTHON) $(VENV)
 	$(UV) pip install --quiet --python $(VENV)/bin/python \
 		--override constraints/cpu-override.txt -e ".[cpu,dev]"

@@ -29,6 +29,16 @@ def digits_task(num_prompts: int, seed: int) -> list[PromptRow]:
     return rows
 
 
+def digits_longtail_task(num_prompts: int, seed: int) -> list[PromptRow]:
+    """The digits task with a long-tail per-prompt budget (extra_info.max_tokens, Pareto-distributed):
+    most answers are short, a few are long; the workload where synchronous RL waits on stragglers."""
+    rng = random.Random(seed + 1)
+    rows = digits_task(num_prompts, seed)
+    for row in rows:
+        row.extra_info["max_tokens"] = min(256, int(8 * rng.paretovariate(1.2)))
+    return rows
+
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 180, 60), "blue": (30, 60, 220), "yellow": (240, 220, 40),
            "black": (10, 10, 10), "white": (245, 245, 245)}
 
@@ -51,7 +61,8 @@ def colours_task(num_prompts: int, seed: int) -> list[PromptRow]:
     return rows
 
 
-TASKS: dict[str, Callable[[int, int], list[PromptRow]]] = {"digits": digits_task, "colours": colours_task}
+TASKS: dict[str, Callable[[int, int], list[PromptRow]]] = {
+    "digits": digits_task, "digits_longtail": digits_longtail_task, "colours": colours_task}
 
 
 def generate_task(name: str, num_prompts: int, seed: int) -> list[PromptRow]:

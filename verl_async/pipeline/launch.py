@@ -23,6 +23,7 @@ class Roles:
     trainer: Any  # TrainerGroup
     queue: Any  # SampleQueue actor
     coordinator: Any  # WeightSyncCoordinator
+    placement_groups: list[Any]
     rollouter: Any = None  # Rollouter actor, started by start_rollouter once the resume state is known
 
     def shutdown(self) -> None:
@@ -32,6 +33,8 @@ class Roles:
             if handle is not None:
                 ray.kill(handle, no_restart=True)
         self.trainer.shutdown()
+        for pg in self.placement_groups:
+            ray.util.remove_placement_group(pg)
 
 
 def init_ray(job: JobConfig, device: str) -> None:
@@ -46,8 +49,16 @@ def init_ray(job: JobConfig, device: str) -> None:
     if address == "local":
         needed = (job.rollout.num_servers * job.cluster.cpus_per_rollout_server
                   + job.trainer.num_workers * job.cluster.cpus_per_trainer_worker)
-        ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
-                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+        for attempt in range(3):  # Ray waits a fixed 30 s for its raylet; a loaded machine can miss that
+            try:
+                ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
+                         runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+                break
+            except Exception as e:  # Ray raises a bare Exception for this; anything else propagates
+                if "timed out during startup" not in str(e) or attempt == 2:
+                    raise
+                logger.warning("ray start timed out (machine busy?); retrying (%d/2)", attempt + 1)
+                ray.shutdown()
     else:
         ray.init(address=address)  # joining: resources come from the cluster
     logger.info("ray: %s", ray.cluster_resources())
@@ -64,7 +75,7 @@ def _placement_group(bundles: list[dict[str, float]], name: str):
     return pg
 
 
-def start_servers(job: JobConfig, device: str, model_path: str) -> tuple[list[Any], list[Any]]:
+def start_servers(job: JobConfig, device: str, model_path: str) -> tuple[list[Any], list[Any], Any]:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -81,9 +92,9 @@ def start_servers(job: JobConfig, device: str, model_path: str) -> tuple[list[An
         servers.append(ray.remote(RolloutServer).options(
             num_cpus=c.cpus_per_rollout_server, num_gpus=gpus, runtime_env={"env_vars": env},
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(i, model_path, job.model, r, job.sync, device))
+        ).remote(i, model_path, job.model, r, job.sync, device, job.data.max_images_per_prompt))
     infos = ray.get([s.start.remote() for s in servers])
-    return servers, infos
+    return servers, infos, pg
 
 
 def launch(job: JobConfig, device: str, model_path: str) -> Roles:
@@ -94,7 +105,7 @@ def launch(job: JobConfig, device: str, model_path: str) -> Roles:
     from verl_async.sync.coordinator import WeightSyncCoordinator
     from verl_async.training.group import TrainerGroup
 
-    servers, infos = start_servers(job, device, model_path)
+    servers, infos, rollout_pg = start_servers(job, device, model_path)
     c = job.cluster
     trainer_pg = _placement_group([{"CPU": c.cpus_per_trainer_worker, "GPU": 1} if device == "cuda" else
                                    {"CPU": c.cpus_per_trainer_worker}] * job.trainer.num_workers, "trainer")
@@ -105,7 +116,7 @@ def launch(job: JobConfig, device: str, model_path: str) -> Roles:
     queue = ray.remote(SampleQueue).options(num_cpus=0).remote(capacity=p.batch_groups * (p.max_staleness + 2))
     coordinator = WeightSyncCoordinator(servers, trainer.sender, job.sync, device=device,
                                         workers_per_server=job.rollout.tensor_parallel_size)
-    return Roles(servers, infos, trainer, queue, coordinator)
+    return Roles(servers, infos, trainer, queue, coordinator, [rollout_pg, trainer_pg])
 
 
 def start_rollouter(job: JobConfig, roles: Roles, model_path: str, start) -> None:

@@ -14,8 +14,10 @@ from dataclasses import dataclass, field
 
 from verl_async.algorithms.advantages import is_zero_variance
 from verl_async.config import AlgorithmConfig, DataConfig, PipelineConfig, RolloutConfig
-from verl_async.data.prompts import encode_text_prompt
+from verl_async.data.prompts import PromptEncoder
+from verl_async.data.rows import LoadReport
 from verl_async.data.source import DataPosition, make_source
+from verl_async.data.vision import ImageError
 from verl_async.pipeline.staleness import admission_capacity
 from verl_async.rewards import resolve_reward
 from verl_async.rollout.sampling import PromptTooLongError
@@ -52,14 +54,16 @@ class Rollouter:
                  data: DataConfig, pipeline: PipelineConfig, algorithm: AlgorithmConfig, queue,
                  engine_version: int = 0, position: DataPosition | None = None,
                  pending_rows: list[PromptRow] | None = None, restored_groups: int = 0):
-        from transformers import AutoTokenizer
-
         from verl_async.rollout.manager import RolloutManager
 
         self.manager = RolloutManager(servers, server_infos, rollout)
-        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        # VL models: prompts are built by the model's processor, its outputs travel with the samples
+        self.encoder = PromptEncoder.from_model(model_path, data.max_images_per_prompt)
+        self.tokenizer = self.encoder.tokenizer
         self.rollout, self.data, self.pipeline, self.algorithm = rollout, data, pipeline, algorithm
-        self.source = make_source(data, position)
+        self.load_report = LoadReport()  # rows skipped at load (e.g. a missing image), reported as data/rows_skipped
+        self.source = make_source(data, position, self.load_report)
+        self.image_errors = 0  # rows whose images failed when their prompt was built (counted as rejected)
         self.reward_fn = resolve_reward(data.reward_fn)
         self.queue = queue
         self.engine_version = engine_version
@@ -129,13 +133,20 @@ class Rollouter:
     async def _rollout_group(self, row: PromptRow, group_id: str) -> None:
         self._mark_busy()
         try:
-            prompt = encode_text_prompt(row, self.tokenizer)
+            prompt, mm_inputs = self.encoder.encode(row)
+            budget = row.extra_info.get("max_tokens")  # a row may carry its own budget (still clamped)
+            stops = self.encoder.stop_token_ids
             gens = await asyncio.gather(*[
-                self.manager.generate(row.prompt_id, f"{group_id}/{i}", prompt, affinity_key=group_id)
+                self.manager.generate(row.prompt_id, f"{group_id}/{i}", prompt, max_tokens=budget,
+                                      sampling={"stop_token_ids": stops} if stops else None, affinity_key=group_id)
                 for i in range(self.rollout.n)])
-            await self._deliver(row, group_id, gens)
+            await self._deliver(row, group_id, gens, mm_inputs)
         except PromptTooLongError:
             self.counts.rejected += 1  # counted and logged by the manager with the prompt id
+        except ImageError as e:  # a missing or unreadable image: skipped and counted, never sent image-less
+            self.counts.rejected += 1
+            self.image_errors += 1
+            logger.warning("prompt %s skipped: %s", row.prompt_id, e)
         except Exception as e:  # one bad group must not stop the rollout: count it, log it
             if self._stopped:
                 return
@@ -147,7 +158,7 @@ class Rollouter:
             self._mark_idle_if_empty()
             self._wake.set()
 
-    async def _deliver(self, row: PromptRow, group_id: str, gens: list[Generation]) -> None:
+    async def _deliver(self, row: PromptRow, group_id: str, gens: list[Generation], mm_inputs: dict) -> None:
         if self._stopped:
             return  # aborted by stop(): reported as in flight at the end
         if any(g.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH) for g in gens):
@@ -163,7 +174,8 @@ class Rollouter:
         if self.algorithm.drop_zero_variance_groups and is_zero_variance(rewards):
             self.counts.filtered += 1
             return
-        samples = [Sample(row.prompt_id, group_id, g, r) for g, r in zip(gens, rewards, strict=True)]
+        samples = [Sample(row.prompt_id, group_id, g, r, multi_modal_data=mm_inputs or None)
+                   for g, r in zip(gens, rewards, strict=True)]
         async with self._delivery:
             await self.queue.put.remote(Group(row.prompt_id, samples))
             self.counts.delivered += 1
@@ -192,6 +204,8 @@ class Rollouter:
             "rollout/groups_filtered": float(self.counts.filtered),
             "rollout/groups_failed": float(self.counts.failed),
             "rollout/in_flight_groups": float(self.counts.in_flight),
+            "rollout/image_errors": float(self.image_errors),
+            "data/rows_skipped": float(sum(self.load_report.skipped.values())),
         }
         out |= await self.manager.stats()
         self._window = _Window()
