@@ -28,6 +28,8 @@ from verl_async.types import TensorMeta
 logger = logging.getLogger(__name__)
 
 RESUME_TIMEOUT_S = 60.0  # resume runs even after a timeout; it gets its own budget
+PARTIAL_NOTE = (" (an update rejected 'before any data moved' leaves the engines untouched; an engine that "
+                "failed after data started to move may hold partly loaded weights: restart it)")
 
 
 class WeightSyncError(RuntimeError):
@@ -176,7 +178,8 @@ class WeightSyncCoordinator:
                    for name, t in tasks.items() if t in pending]
         if errors:
             what = "setup" if policy_version < 0 else f"sync to policy_version {policy_version}"
-            raise WeightSyncError(f"{what} failed in phase '{label}': " + " | ".join(errors))
+            note = PARTIAL_NOTE if label in ("transfer", "finish_weight_update") else ""
+            raise WeightSyncError(f"{what} failed in phase '{label}': " + " | ".join(errors) + note)
         return {name: t.result() for name, t in tasks.items()}
 
     @property
