@@ -106,3 +106,11 @@ def test_packed_and_padded_match_single_rows(tiny_model):
                 got[i] = lp[j, : len(rows[i].response_ids)].tolist()
         for i in range(12):
             assert got[i] == pytest.approx(reference[i], abs=2e-5), (padded, i)
+
+
+def test_bad_rows_are_rejected_with_the_row_index():
+    good = TrainRow([1, 2], [3], [-0.1], [1], 0.0, [0])
+    with pytest.raises(ValueError, match="TrainRow 1 has an empty prompt"):
+        make_micro_batches([good, TrainRow([], [3], [-0.1], [1], 0.0, [0])], [0, 1], 100, pad_id=0)
+    with pytest.raises(ValueError, match="TrainRow 0: response_ids, rollout_logprobs and loss_mask"):
+        make_micro_batches([TrainRow([1], [3, 4], [-0.1], [1, 1], 0.0, [0, 0])], [0], 100, pad_id=0)

@@ -121,9 +121,12 @@ def collate_extra_inputs(rows: list[TrainRow]) -> dict[str, Any]:
 def build_micro_batch(rows: list[TrainRow], row_ids: list[int], pad_id: int, padded: bool) -> MicroBatch:
     """Lay out rows[row_ids] as one model input (packed or padded, see the module docstring)."""
     picked = [rows[i] for i in row_ids]
-    for r in picked:
+    for i, r in zip(row_ids, picked, strict=True):
         if not r.prompt_ids:
-            raise ValueError("a TrainRow has an empty prompt: the first response token has no logit to come from.")
+            raise ValueError(f"TrainRow {i} has an empty prompt: its first response token has no logit to come from.")
+        if not len(r.response_ids) == len(r.rollout_logprobs) == len(r.loss_mask):
+            raise ValueError(f"TrainRow {i}: response_ids, rollout_logprobs and loss_mask must have the same length, "
+                             f"got {len(r.response_ids)}, {len(r.rollout_logprobs)}, {len(r.loss_mask)}.")
     seqs = [r.prompt_ids + r.response_ids for r in picked]
     width = max((len(r.response_ids) for r in picked), default=0)
     logits_index: list[int] = []
