@@ -46,7 +46,7 @@ def test_reward_goes_up(partial_run):
     rewards = [r["rollout/reward_mean"] for r in steps]
     third = len(rewards) // 3
     first, last = sum(rewards[:third]) / third, sum(rewards[-third:]) / third
-    assert last > first + 0.05, rewards
+    assert last > first + 0.03, rewards
 
 
 def test_every_trained_token_within_staleness_bound(partial_run):
