@@ -35,8 +35,9 @@ def step_of(version: int) -> int:
     return 2 if version % 2 else 1
 
 
-def build_counters(root: Path) -> dict[int, str]:
-    """Two Qwen3-0.6B-shaped counters (STEP 1 and 2; vocab 1024, untied), bf16, same embeddings."""
+def build_counters(root: Path, device: str) -> dict[int, str]:
+    """Two Qwen3-0.6B-shaped counters (STEP 1 and 2; vocab 1024, untied), bf16, same embeddings.
+    On CPU (a smoke run of this script) a 2-layer, hidden-256 shape in float32."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
@@ -44,24 +45,29 @@ def build_counters(root: Path) -> dict[int, str]:
 
     small = ensure_asset(str(root / "assets"), "counter", step=1)  # for its tokenizer and token ids
     ids = json.loads((small / "config.json").read_text())
+    shape = (dict(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                  num_key_value_heads=8, head_dim=128) if device == "cuda" else
+             dict(hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=64))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
     config = Qwen3Config(
-        vocab_size=VOCAB, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28,
-        num_attention_heads=16, num_key_value_heads=8, head_dim=128, max_position_embeddings=4096,
-        rope_theta=1_000_000.0, tie_word_embeddings=False, bos_token_id=ids["bos_token_id"],
-        eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"], dtype="bfloat16")
-    with torch.device("cuda"):
+        vocab_size=VOCAB, max_position_embeddings=4096, rope_theta=1_000_000.0, tie_word_embeddings=False,
+        bos_token_id=ids["bos_token_id"], eos_token_id=ids["eos_token_id"], pad_token_id=ids["pad_token_id"],
+        **shape)  # the saved config takes its dtype from the model's weights
+    with torch.device(device):
         model = Qwen3ForCausalLM(config)
     paths = {}
     for step in (1, 2):
         counter_weights(model, step, seed=0)
-        out = root / f"counter-0.6b-step{step}"
-        model.to(torch.bfloat16).save_pretrained(out, safe_serialization=True)
+        out = root / f"counter-{shape['num_hidden_layers']}L-step{step}"
+        model.to(dtype).save_pretrained(out, safe_serialization=True)
         for name in TOKENIZER_FILES:
             if (small / name).exists():
                 shutil.copy(small / name, out / name)
         paths[step] = str(out)
     del model
-    torch.cuda.empty_cache()
+    if device == "cuda":
+        torch.cuda.empty_cache()
     return paths
 
 
@@ -81,10 +87,13 @@ async def run(args, paths: dict[int, str]) -> dict:
     from verl_async.rollout.server import RolloutServer
     from verl_async.types import EnginePrompt, FinishReason
 
+    cpu = args.device == "cpu"
     rollout = RolloutConfig(max_model_len="1024", max_num_seqs=max(256, args.requests + 16),
                             gpu_memory_utilization=args.gpu_memory_utilization,
+                            kv_cache_memory_bytes=(256 << 20) if cpu else 0,
                             response_length=args.max_tokens, temperature=0.0)
-    server = RolloutServer(0, paths[1], ModelConfig(path=paths[1], dtype="bfloat16"), rollout, SyncConfig(), "cuda")
+    model = ModelConfig(path=paths[1], dtype="float32" if cpu else "bfloat16")
+    server = RolloutServer(0, paths[1], model, rollout, SyncConfig(), args.device)
     t0 = time.monotonic()
     info = await server.start()
     start_s = time.monotonic() - t0
@@ -181,10 +190,11 @@ def main() -> int:
     parser.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", default="", help="where the models are built (default: a temp folder)")
+    parser.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a small smoke run")
     args = parser.parse_args()
     logging.basicConfig(level=os.environ.get("LOGLEVEL", "WARNING"))
     root = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="keep_pause_"))
-    paths = build_counters(root)
+    paths = build_counters(root, args.device)
     result = asyncio.run(run(args, paths))
     sys.stdout.write(json.dumps(result, indent=2, default=str) + "\n")
     return 0 if result["ok"] else 1

@@ -16,6 +16,8 @@ from verl_async.rollout.metrics import EngineMetrics, SyncResets
 from verl_async.rollout.server import RolloutServer
 from verl_async.types import EnginePrompt, FinishReason
 
+logger = logging.getLogger(__name__)
+
 # ---- unit tests (no engine) -------------------------------------------------------------------
 
 
@@ -145,6 +147,7 @@ def _generate_all(handle, n, prompt_len, max_tokens, prefix):
 
 def test_engine_metrics_max_model_len_auto_is_read_from_the_engine(server):
     _, info, _ = server
+    logger.info("max_model_len=auto -> engine picked %d", info.max_model_len)
     # `auto` let the engine fit the window to its 2 MiB KV cache; we report what it picked
     assert 0 < info.max_model_len < MAX_POSITIONS
     assert info.max_model_len <= KV_BYTES // 1024
@@ -156,6 +159,8 @@ def test_engine_metrics_forced_preemption_counted(server, ray_session):
     # 24 requests x 272 tokens (3 blocks each) on 16 blocks: running requests must be preempted
     gens = _generate_all(handle, n=24, prompt_len=16, max_tokens=256, prefix="mem")
     after = ray_session.get(handle.stats.remote())
+    logger.info("forced preemption: %s; per-request preemptions %d",
+                {k: after[k] - before[k] for k in after if after[k] != before[k]}, sum(g.num_preemptions for g in gens))
     assert all(len(g.response_ids) == 256 and g.finish_reason == FinishReason.LENGTH for g in gens)
     assert after["rollout/preemptions"] > before["rollout/preemptions"]
     assert after["rollout/preemptions_from_sync"] == before["rollout/preemptions_from_sync"]

@@ -9,6 +9,7 @@ server also cross-checks its attribution against vLLM's own weight-version spans
 """
 
 import asyncio
+import logging
 import random
 
 import pytest
@@ -18,6 +19,7 @@ from verl_async.config import ModelConfig, RolloutConfig, SyncConfig
 from verl_async.rollout.server import RolloutServer
 from verl_async.types import EnginePrompt, FinishReason
 
+logger = logging.getLogger(__name__)
 VOCAB = 1024
 NUM_REQUESTS = 32
 MAX_TOKENS = 128
@@ -90,6 +92,8 @@ def test_keep_pause_conserves_tokens_across_random_pauses_and_weight_flips(serve
 
     gens, late_gens, cycles, flips = asyncio.run(run())
     after = ray_session.get(handle.stats.remote())
+    logger.info("keep-pause: %d pauses in flight, %d weight flips, %d late requests; stats delta %s",
+                cycles, flips, len(late_gens), {k: after[k] - before[k] for k in after if after[k] != before[k]})
 
     assert cycles >= MIN_CYCLES, f"only {cycles} pauses hit running requests"
     assert flips >= 3
