@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from anywhere without installing
+os.environ.setdefault("VLLM_LOGGING_STREAM", "ext://sys.stderr")  # stdout carries only the JSON result
 
 logger = logging.getLogger("gpu_keep_pause_conservation")
 VOCAB = 1024  # verl_async.assets.build.VOCAB_SIZE
