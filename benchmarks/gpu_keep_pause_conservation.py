@@ -158,6 +158,8 @@ async def run(args, paths: dict[int, str]) -> dict:
         "version_attribution_errors_zero": after["rollout/version_attribution_errors"] == 0,
         "sync_resets_reported": delta["rollout/preemptions_from_sync"] > 0,
     }
+    if not cpu:
+        checks["async_scheduling_on"] = async_scheduling  # the setting under which vLLM #42043 showed
     return {
         "ok": all(checks.values()), "checks": checks,
         "vllm_version": vllm.__version__, "python": sys.version.split()[0],
