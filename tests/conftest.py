@@ -45,8 +45,9 @@ def ray_session():
     """One local Ray runtime for the whole test session (logical CPUs so several actors fit)."""
     import ray
 
+    from verl_async.pipeline.launch import start_local_ray
+
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True,
-                 runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+        start_local_ray(num_cpus=8)
     yield ray
     ray.shutdown()

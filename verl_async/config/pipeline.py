@@ -10,9 +10,12 @@ MODES = ("sync_baseline", "streaming", "async", "partial_rollout")
 @dataclass
 class PipelineConfig:
     mode: str = "partial_rollout"
-    """sync_baseline: generate a batch, train, sync; streaming: train as groups finish, on-policy;
-    async: rollout runs ahead up to max_staleness, syncs wait for in-flight requests to finish;
-    partial_rollout: like async, but in-flight requests pause (keep mode) and continue across syncs."""
+    """sync_baseline: generate a batch, train, sync (on-policy; no overlap).
+    streaming: one policy version generates sync_every_steps batches that stream into the trainer
+    as groups finish; lag <= sync_every_steps - 1; syncs wait for in-flight requests.
+    async: rollout runs up to max_staleness versions ahead; syncs wait for in-flight requests.
+    partial_rollout: like async, but syncs pause in-flight requests (keep mode) and they continue
+    under the new weights (each token records its policy_version)."""
     total_steps: int = 20
     """Optimizer steps to run."""
     batch_groups: int = 8
@@ -31,6 +34,17 @@ class PipelineConfig:
         check(self.max_staleness >= 0, "pipeline.max_staleness", self.max_staleness, "use 0 (on-policy) or more.")
         check(self.sync_every_steps >= 1, "pipeline.sync_every_steps", self.sync_every_steps, "use at least 1.")
         check(self.max_inflight_groups >= 0, "pipeline.max_inflight_groups", self.max_inflight_groups, "use 0 (auto) or more.")
-        if self.mode in ("sync_baseline", "streaming"):
-            check(self.max_staleness == 0 or self.mode == "streaming", "pipeline.max_staleness", self.max_staleness,
+        if self.mode == "sync_baseline":
+            check(self.max_staleness == 0, "pipeline.max_staleness", self.max_staleness,
                   "the sync_baseline mode is on-policy: set pipeline.max_staleness=0.")
+            check(self.sync_every_steps == 1, "pipeline.sync_every_steps", self.sync_every_steps,
+                  "the sync_baseline mode syncs after every step: set pipeline.sync_every_steps=1.")
+        if self.mode == "streaming":
+            check(self.max_staleness == self.sync_every_steps - 1, "pipeline.max_staleness", self.max_staleness,
+                  f"streaming trains each sync window's samples within it: set it to sync_every_steps - 1 "
+                  f"= {self.sync_every_steps - 1}.")
+
+    @property
+    def pause_mode(self) -> str:
+        """How a weight sync treats in-flight requests: keep them (partial rollout) or let them finish."""
+        return "keep" if self.mode in ("partial_rollout", "sync_baseline") else "wait"

@@ -49,19 +49,27 @@ def init_ray(job: JobConfig, device: str) -> None:
     if address == "local":
         needed = (job.rollout.num_servers * job.cluster.cpus_per_rollout_server
                   + job.trainer.num_workers * job.cluster.cpus_per_trainer_worker)
-        for attempt in range(3):  # Ray waits a fixed 30 s for its raylet; a loaded machine can miss that
-            try:
-                ray.init(address="local", num_cpus=max(needed, os.cpu_count() or 1), include_dashboard=False,
-                         runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
-                break
-            except Exception as e:  # Ray raises a bare Exception for this; anything else propagates
-                if "timed out during startup" not in str(e) or attempt == 2:
-                    raise
-                logger.warning("ray start timed out (machine busy?); retrying (%d/2)", attempt + 1)
-                ray.shutdown()
+        start_local_ray(num_cpus=max(needed, os.cpu_count() or 1))
     else:
         ray.init(address=address)  # joining: resources come from the cluster
     logger.info("ray: %s", ray.cluster_resources())
+
+
+def start_local_ray(num_cpus: int) -> None:
+    """A private local Ray runtime. Ray waits a fixed 30 s for its raylet, which a loaded
+    machine can miss: that one error is retried twice, anything else propagates."""
+    import ray
+
+    for attempt in range(3):
+        try:
+            ray.init(address="local", num_cpus=num_cpus, include_dashboard=False,
+                     runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
+            return
+        except Exception as e:  # Ray raises a bare Exception for this case
+            if "timed out during startup" not in str(e) or attempt == 2:
+                raise
+            logger.warning("ray start timed out (machine busy?); retrying (%d/2)", attempt + 1)
+            ray.shutdown()
 
 
 def _placement_group(bundles: list[dict[str, float]], name: str):
@@ -114,7 +122,7 @@ def launch(job: JobConfig, device: str, model_path: str) -> Roles:
                            placement_group=trainer_pg)
     p = job.pipeline
     queue = ray.remote(SampleQueue).options(num_cpus=0).remote(capacity=p.batch_groups * (p.max_staleness + 2))
-    coordinator = WeightSyncCoordinator(servers, trainer.sender, job.sync, device=device,
+    coordinator = WeightSyncCoordinator(servers, trainer.sender, job.sync, pause_mode=p.pause_mode, device=device,
                                         workers_per_server=job.rollout.tensor_parallel_size)
     return Roles(servers, infos, trainer, queue, coordinator, [rollout_pg, trainer_pg])
 

@@ -72,7 +72,8 @@ class WeightSyncCoordinator:
     listens (None: this node's address; the sender must run on this node then).
     """
 
-    def __init__(self, servers: list, sender: Any, sync: SyncConfig, *, device: str | None = None,
+    def __init__(self, servers: list, sender: Any, sync: SyncConfig, *, pause_mode: str = "keep",
+                 device: str | None = None,
                  workers_per_server: int = 1, master_address: str | None = None) -> None:
         if not servers:
             raise ValueError("WeightSyncCoordinator needs at least one rollout server")
@@ -83,6 +84,10 @@ class WeightSyncCoordinator:
         self.servers = list(servers)
         self.sender = sender
         self.sync_config = sync
+        if pause_mode not in ("keep", "wait"):
+            raise ValueError(f"pause_mode={pause_mode!r}: use keep (in-flight requests continue under the new "
+                             "weights) or wait (in-flight requests finish first)")
+        self.pause_mode = pause_mode
         self.backend = resolve_backend(sync, device)
         self.workers_per_server = workers_per_server
         self.master_address = master_address
@@ -133,7 +138,7 @@ class WeightSyncCoordinator:
 
         failure: WeightSyncError | None = None
         try:
-            await timed("sync/pause_s", "pause", each("pause", mode="keep", clear_cache=cfg.clear_cache))
+            await timed("sync/pause_s", "pause", each("pause", mode=self.pause_mode, clear_cache=cfg.clear_cache))
             await timed("sync/start_s", "start_weight_update", each("start_weight_update"))
             sent = await timed("sync/transfer_s", "transfer", {
                 "sender": call(self.sender, "send_weights", cfg.bucket_bytes), **each("update_weights", update_info)})
