@@ -146,9 +146,17 @@ def check_row_images(row: PromptRow, base_dir: Path | None = None) -> None:
             raise
         except (OSError, UnidentifiedImageError, SyntaxError, ValueError) as e:
             raise ImageError(f"unreadable image ({type(e).__name__}: {e})") from e
-    if base_dir is not None:
-        row.images = [str(base_dir / r) if isinstance(r, str) and not Path(r).expanduser().is_absolute() else r
-                      for r in row.images]
+    if base_dir is None:
+        return
+
+    def absolute(ref: Any) -> Any:
+        return str(base_dir / ref) if isinstance(ref, str) and not Path(ref).expanduser().is_absolute() else ref
+
+    row.images = [absolute(r) for r in row.images]
+    for m in row.messages:
+        for part in m["content"] if isinstance(m.get("content"), list) else []:
+            if _is_image_part(part) and "image" in part:
+                part["image"] = absolute(part["image"])
 
 
 def encode_vl_prompt(row: PromptRow, processor, max_images: int) -> tuple[EnginePrompt, dict[str, Any]]:
@@ -166,6 +174,15 @@ def encode_vl_prompt(row: PromptRow, processor, max_images: int) -> tuple[Engine
         return EnginePrompt(prompt_ids=ids), {}
     mm = {"pixel_values": enc["pixel_values"].float().numpy(), "image_grid_thw": enc["image_grid_thw"].numpy()}
     return EnginePrompt(prompt_ids=ids, multi_modal_data={"image": images}), mm
+
+
+def collapse_image_slots(ids: list[int], image_token_id: int | None) -> list[int]:
+    """Each run of image slots (<|image_pad|> x N, as the HF processor expands it) -> one slot: the
+    form vLLM takes with token-id prompts; it expands every slot again from the image (vLLM 0.26 and
+    0.32 never detect an already expanded prompt, so sending ours would add N - 1 slots per image)."""
+    if image_token_id is None:
+        return list(ids)
+    return [t for k, t in enumerate(ids) if t != image_token_id or k == 0 or ids[k - 1] != image_token_id]
 
 
 def solid_png(rgb: tuple[int, int, int], size: tuple[int, int]) -> bytes:
