@@ -35,10 +35,11 @@ def prompt(n: int, offset: int = 0) -> EnginePrompt:
     return EnginePrompt([(offset + i) % 400 + 3 for i in range(n)])
 
 
-def test_prompt_too_long_window_is_read_back_from_the_engine(server):
-    _, info, _ = server
+def test_prompt_too_long_window_is_read_back_from_the_engine(server, ray_session):
+    handle, info, _ = server
     assert info.max_model_len == MAX_MODEL_LEN
     assert info.num_engine_workers == 1 and info.vllm_version
+    assert ray_session.get(handle.health.remote()) is True
 
 
 def test_prompt_too_long_rejected_fast_counted_and_next_prompt_completes(server):
