@@ -10,6 +10,7 @@ import time
 from dataclasses import dataclass
 
 from verl_async.config import ModelConfig, RolloutConfig, SyncConfig
+from verl_async.data.vision import collapse_image_slots
 from verl_async.rollout.engine import engine_args
 from verl_async.rollout.metrics import (
     EngineMetrics,
@@ -44,6 +45,7 @@ class RolloutServer:
                  sync: SyncConfig, device: str, max_images_per_prompt: int = 1):
         self.server_index = server_index
         self._max_images_per_prompt = max_images_per_prompt  # VL models: vLLM's limit_mm_per_prompt
+        self._image_token_id: int | None = None  # VL models: <|image_pad|>, read from the engine's config
         self._model_path = model_path
         self._model = model
         self._rollout = rollout
@@ -63,7 +65,7 @@ class RolloutServer:
             "rollout/token_conservation_errors": 0.0, "rollout/version_attribution_errors": 0.0,
             "rollout/version_checks": 0.0,  # requests whose versions vLLM (>= 0.32) confirmed
             "rollout/rejected_too_long": 0.0, "rollout/pauses": 0.0, "rollout/response_tokens": 0.0,
-            "rollout/prompt_length_mismatches": 0.0,  # our prompt length != vLLM's (e.g. vision tokens miscounted)
+            "rollout/prompt_length_mismatches": 0.0,  # our prompt ids != vLLM's (e.g. vision tokens miscounted)
         }
 
     # ---- lifecycle -------------------------------------------------------------------------
@@ -78,6 +80,7 @@ class RolloutServer:
         self._engine = AsyncLLM.from_engine_args(args, stat_loggers=[stat_logger_factory(self._on_engine_step)])
         self._frontend_stats()  # fail now, not at the first sync, if vLLM's frontend changed shape
         self._max_model_len = int(self._engine.model_config.max_model_len)
+        self._image_token_id = getattr(self._engine.model_config.hf_config, "image_token_id", None)  # VL only
         await self._label_engine_weights(0)
         if self._rollout.metrics_port:
             serve_prometheus(self._rollout.metrics_port + self.server_index, self._values)
@@ -127,8 +130,9 @@ class RolloutServer:
             return self._generation(request_id, prompt, [], [], [], FinishReason.LENGTH)
         params = sampling_params(self._rollout, budget, sampling)
         engine_prompt = {"prompt_token_ids": list(prompt.prompt_ids)}
-        if prompt.multi_modal_data:
-            engine_prompt["multi_modal_data"] = prompt.multi_modal_data
+        if prompt.multi_modal_data:  # vLLM expands each image's single placeholder itself (checked below)
+            engine_prompt = {"prompt_token_ids": collapse_image_slots(prompt.prompt_ids, self._image_token_id),
+                             "multi_modal_data": prompt.multi_modal_data}
 
         tokens: list[int] = []
         logprobs: list[float] = []
@@ -154,10 +158,10 @@ class RolloutServer:
         completion = final.outputs[0]
         reason = _FINISH_REASONS.get(completion.finish_reason, FinishReason.ERROR)
         self._check_conservation(request_id, budget, tokens, logprobs, final, reason)
-        if final.prompt_token_ids and len(final.prompt_token_ids) != prompt_len:
+        if final.prompt_token_ids and list(final.prompt_token_ids) != list(prompt.prompt_ids):
             self._counters["rollout/prompt_length_mismatches"] += 1
-            logger.error("PROMPT LENGTH MISMATCH on server %d, request %s: we counted %d tokens, vLLM %d "
-                         "(clamping and the too-long check used ours)", self.server_index, request_id,
+            logger.error("PROMPT MISMATCH on server %d, request %s: we have %d tokens, vLLM %d (or other ids); "
+                         "clamping, the too-long check and the trainer used ours", self.server_index, request_id,
                          prompt_len, len(final.prompt_token_ids))
         self._check_versions(request_id, versions, completion)
         self._counters["rollout/requests_finished"] += 1
