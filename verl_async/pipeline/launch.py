@@ -99,6 +99,7 @@ def start_servers(job: JobConfig, device: str, model_path: str) -> tuple[list[An
         env = {"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)} if device == "cpu" else {}
         servers.append(ray.remote(RolloutServer).options(
             num_cpus=c.cpus_per_rollout_server, num_gpus=gpus, runtime_env={"env_vars": env},
+            max_concurrency=100_000,  # a pause must never queue behind in-flight generate calls
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
         ).remote(i, model_path, job.model, r, job.sync, device, job.data.max_images_per_prompt))
     infos = ray.get([s.start.remote() for s in servers])
