@@ -1,7 +1,8 @@
 """Build a Qwen3-VL model folder from a config with random weights (nothing is downloaded).
 
 tiny-vl: text 2 layers x hidden 128 (tied embeddings, like Qwen3-VL-2B/4B), vision tower depth 2 x
-hidden 64 with Qwen3-VL's patch 16 / merge 2 / temporal patch 2, deepstack into both text layers;
+hidden 64 with Qwen3-VL's patch 16 / merge 2 / temporal patch 2, deepstack into the first text layer
+(deepstack adds to image positions only, so into the last layer it would reach no response token);
 the tiny tokenizer (it already holds the four vision special tokens) and a saved Qwen3VLProcessor
 whose images are resized to 32..256 px a side, so a 128x128 image is 16 vision tokens.
 `qwen3_vl_config(shape="2b"|"4b"|"8b")` gives the real models' layer shapes (GPU benchmarks).
@@ -20,7 +21,7 @@ PIXELS_PER_TOKEN = (PATCH * MERGE) ** 2  # one vision token covers a 32x32 pixel
 # hidden, mlp, heads, deepstack block indexes). Vocabulary and token ids come from our tokenizer.
 SHAPES: dict[str, dict[str, Any]] = {
     "tiny": dict(hidden=128, layers=2, heads=4, kv_heads=2, head_dim=32, mlp=256, tied=True,
-                 v_depth=2, v_hidden=64, v_mlp=128, v_heads=4, deepstack=[0, 1], pos_embeddings=64,
+                 v_depth=2, v_hidden=64, v_mlp=128, v_heads=4, deepstack=[0], pos_embeddings=64,
                  vocab=1024, mrope=[6, 5, 5]),
     "2b": dict(hidden=2048, layers=28, heads=16, kv_heads=8, head_dim=128, mlp=6144, tied=True,
                v_depth=24, v_hidden=1024, v_mlp=4096, v_heads=16, deepstack=[5, 11, 17], pos_embeddings=2304,
