@@ -129,7 +129,7 @@ def main() -> None:
     text = json.dumps(summary, indent=2)
     print(text)  # noqa: T201 - a benchmark prints its JSON
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"], "vl_pipeline_gpu.json").write_text(text)
+        Path(os.environ["OUT"], f"vl_pipeline_gpu_{args.dtype}.json").write_text(text)
 
 
 if __name__ == "__main__":
