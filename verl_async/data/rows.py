@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from verl_async.data.vision import check_row_images, has_images
 from verl_async.types import PromptRow
 
 logger = logging.getLogger(__name__)
@@ -66,7 +67,10 @@ def load_rows(files: list[str], report: LoadReport | None = None) -> list[Prompt
             raise FileNotFoundError(f"data.train_files: {path} does not exist; fix the path.")
         for i, rec in enumerate(_read_records(path)):
             try:
-                rows.append(row_from_record(rec, default_id=f"{path.stem}-{i}"))
+                row = row_from_record(rec, default_id=f"{path.stem}-{i}")
+                if has_images(row):  # a missing or unreadable image skips the row (ImageError)
+                    check_row_images(row, base_dir=path.parent)
+                rows.append(row)
             except ValueError as e:
                 report.skip(str(e), f"{path}:{i}")
     report.loaded += len(rows)

@@ -103,8 +103,9 @@ class TrainerWorker:
         self.scheduler = make_scheduler(self.optimizer, self.cfg.warmup_steps, self.total_steps, self.cfg.lr_schedule)
         compute = DTYPES[self.model_cfg.dtype]
         self.autocast = compute if (not self.cfg.fsdp and compute != torch.float32) else None
-        hf = self.model.config
-        self.pad_id = hf.pad_token_id if hf.pad_token_id is not None else (hf.eos_token_id or 0)
+        hf = self.model.config.get_text_config()  # a VL config keeps its token ids in the text config
+        pad = getattr(hf, "pad_token_id", None)  # transformers 5 configs only have the ids they declare
+        self.pad_id = pad if pad is not None else (getattr(hf, "eos_token_id", None) or 0)
         logger.info("trainer rank %d/%d ready on %s (fsdp=%s, dtype=%s, reference model=%s)", self.rank,
                     self.world_size, self.device, self.cfg.fsdp, self.model_cfg.dtype, self.ref_model is not None)
 
