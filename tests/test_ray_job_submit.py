@@ -50,11 +50,16 @@ def test_ray_job_submit_runs_a_short_job(tmp_path):
     try:
         _wait_for(f"http://127.0.0.1:{dash}/api/version", timeout_s=180, head=head)
         out = tmp_path / "run"
-        res = subprocess.run(
-            [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}",
-             "--", "verl-async", "pipeline.total_steps=2", "pipeline.batch_groups=4", "logging.wandb_mode=disabled",
-             "logging.progress_bar=false", "logging.plots=false", f"output_dir={out}"],
-            env=submit_env, capture_output=True, text=True, timeout=900)
+        for _ in range(12):  # the head answers HTTP before its job agent is up: Ray says "try again later"
+            res = subprocess.run(
+                [str(BIN / "ray"), "job", "submit", f"--address=http://127.0.0.1:{dash}", f"--working-dir={ROOT}",
+                 "--", "verl-async", "pipeline.total_steps=2", "pipeline.batch_groups=4",
+                 "logging.wandb_mode=disabled", "logging.progress_bar=false", "logging.plots=false",
+                 f"output_dir={out}"],
+                env=submit_env, capture_output=True, text=True, timeout=900)
+            if "No available agent to submit job" not in res.stdout + res.stderr:
+                break
+            time.sleep(10)
         log = res.stdout + res.stderr
         assert res.returncode == 0, log[-4000:]
         assert "succeeded" in log, log[-4000:]
