@@ -159,25 +159,7 @@ class Env:
 
 
 @pytest.fixture(scope="module")
-def ray_up():
-    """Start Ray before the shared ray_session fixture, retrying: on a loaded machine Ray's fixed
-    30 s wait for its raylet can run out (ray_session then finds it running)."""
-    import ray
-
-    for attempt in range(4):
-        if ray.is_initialized():
-            return
-        try:
-            ray.init(address="local", num_cpus=8, include_dashboard=False, log_to_driver=True,
-                     runtime_env={"env_vars": {"PYTHONUNBUFFERED": "1"}})
-        except Exception as e:  # Ray raises a bare Exception for this one
-            if "timed out during startup" not in str(e) or attempt == 3:
-                raise
-            ray.shutdown()
-
-
-@pytest.fixture(scope="module")
-def vl_env(ray_up, ray_session, assets_dir):
+def vl_env(ray_session, assets_dir):
     from verl_async.assets.build import ensure_asset
 
     env = Env(ray_session, str(ensure_asset(assets_dir, "tiny-vl")))
