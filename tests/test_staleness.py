@@ -7,7 +7,12 @@ import pytest
 from verl_async.pipeline.batch import build_train_batch, split_by_staleness
 from verl_async.pipeline.ledger import Ledger
 from verl_async.pipeline.queue import SampleQueue
-from verl_async.pipeline.staleness import admission_capacity, version_lag, within_bound
+from verl_async.pipeline.staleness import (
+    admission_capacity,
+    committed_groups,
+    version_lag,
+    within_bound,
+)
 from verl_async.types import FinishReason, Generation, Group, Sample
 
 
@@ -42,6 +47,16 @@ def test_admission_bounds_lag_in_a_simulated_run():
     assert max_lag <= s
 
 
+def test_admission_after_resume_counts_groups_trained_before_the_checkpoint():
+    # B=8, s=0, resumed at step 12 with 8 groups put back into the queue: no room for more until
+    # the trainer takes a batch or stale groups are dropped.
+    committed = committed_groups(resumed_step=12, batch_groups=8, read=8, freed=0)
+    assert committed == 104 and admission_capacity(12, committed, 8, 0) == 0
+    assert admission_capacity(12, committed_groups(12, 8, read=8, freed=3), 8, 0) == 3  # 3 dropped as stale
+    assert admission_capacity(13, committed, 8, 0) == 8  # after the next step's sync
+    assert committed_groups(0, 8, read=5, freed=2) == 3  # a fresh run
+
+
 def test_within_bound_and_split():
     assert within_bound(5, 4, 1) and not within_bound(5, 3, 1) and within_bound(0, 0, 0)
     fresh, stale = split_by_staleness([_group("a", [1, 0], [3, 4]), _group("b", [1, 0], [2, 4])], 4, 1)
@@ -73,14 +88,29 @@ def test_queue_applies_bound_and_times_out():
         q = SampleQueue(capacity=4)
         await q.put(_group("old", [1, 0], [0]))
         await q.put(_group("new", [1, 0], [2]))
-        got = await q.get_batch(2, trainer_version=3, max_staleness=1, timeout_s=0.2)
+        got = await q.get_batch(2, trainer_version=3, max_staleness=1, timeout_s=5)
         assert [g.prompt_id for g in got.groups] == ["new"] and got.stale_dropped == 1
+        assert got.wait_s < 1  # returns at once after a drop empties the queue: the slots must be freed
         assert q.counts() == {"received": 2, "taken": 1, "stale_dropped": 1, "queued": 0}
         # a waiting consumer is woken by a producer
         consumer = asyncio.create_task(q.get_batch(1, 3, 1, timeout_s=5))
         await asyncio.sleep(0.05)
         await q.put(_group("late", [1, 0], [3]))
         assert [g.prompt_id for g in (await consumer).groups] == ["late"]
+
+    asyncio.run(scenario())
+
+
+def test_queue_wait_for_room_times_out_while_full():
+    async def scenario():
+        q = SampleQueue(capacity=1)
+        assert await q.wait_for_room(0.01)
+        await q.put(_group("a", [1, 0], [0]))
+        assert not await q.wait_for_room(0.05)  # full: False after the timeout, nothing blocks for good
+        waiting = asyncio.create_task(q.wait_for_room(5))
+        await asyncio.sleep(0.05)
+        await q.get_batch(1, 0, 0, timeout_s=1)
+        assert await asyncio.wait_for(waiting, 1)
 
     asyncio.run(scenario())
 

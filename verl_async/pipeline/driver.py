@@ -38,7 +38,7 @@ async def train_loop(job: JobConfig, r: Roles, report: Reporter, start: checkpoi
         if (step + 1) % p.sync_every_steps == 0 or step + 1 == p.total_steps:
             sync = await r.coordinator.sync(policy_version=step + 1)
             engine_version, totals["sync/count"] = step + 1, totals["sync/count"] + 1
-        await r.rollouter.on_step.remote(engine_version, int(totals["queue/stale_dropped"]))
+        await r.rollouter.on_step.remote(engine_version)
         rollout = await r.rollouter.pop_metrics.remote()
         elapsed = time.monotonic() - t0
         report.step(step, {**rollout, **train.metrics, **sync, **totals,
@@ -61,6 +61,8 @@ async def take_batch(r: Roles, num_groups: int, trainer_version: int, max_stalen
         groups += got.groups
         waited += got.wait_s
         totals["queue/stale_dropped"] += got.stale_dropped
+        if got.stale_dropped:  # their slots are free now: the rollouter must not wait for the next step
+            await r.rollouter.on_stale_dropped.remote(int(totals["queue/stale_dropped"]))
         if len(groups) < num_groups and (err := await r.rollouter.health.remote()) is not None:
             raise RuntimeError(f"the rollouter stopped: {err}")
     return groups, waited

@@ -1,6 +1,6 @@
 """The bounded sample queue between rollouter and trainer (a Ray actor; plain class here).
 
-Complete, scored groups go in (`put` waits while full); the trainer takes a batch with
+Complete, scored groups go in (the producer waits for room first, outside its own locks); the trainer takes a batch with
 `get_batch`, which applies the hard staleness bound: a group too old for the trainer's
 current policy_version is dropped there and counted, never trained on.
 """
@@ -29,7 +29,17 @@ class SampleQueue:
         self.taken = 0
         self.stale_dropped = 0
 
+    async def wait_for_room(self, timeout_s: float) -> bool:
+        """True once the queue has room for one more group; False after `timeout_s`."""
+        async with self._changed:
+            try:
+                await asyncio.wait_for(self._changed.wait_for(lambda: len(self._groups) < self.capacity), timeout_s)
+            except TimeoutError:
+                return False
+            return True
+
     async def put(self, group: Group) -> None:
+        """Append a group (callers wait for room first: see `wait_for_room`)."""
         async with self._changed:
             await self._changed.wait_for(lambda: len(self._groups) < self.capacity)
             self._groups.append(group)
@@ -38,13 +48,15 @@ class SampleQueue:
 
     async def get_batch(self, num_groups: int, trainer_version: int, max_staleness: int,
                         timeout_s: float) -> BatchResult:
-        """FIFO groups within the staleness bound; fewer than asked only on timeout."""
+        """FIFO groups within the staleness bound. Fewer than asked on timeout, or as soon as the
+        queue runs empty after dropping stale groups: the caller must free their admission slots
+        before more groups can start."""
         start, taken, dropped = time.monotonic(), [], 0
         async with self._changed:
             while len(taken) < num_groups:
                 remaining = timeout_s - (time.monotonic() - start)
                 if not self._groups:
-                    if remaining <= 0:
+                    if remaining <= 0 or dropped:
                         break
                     try:
                         await asyncio.wait_for(self._changed.wait(), timeout=remaining)

@@ -18,12 +18,13 @@ from verl_async.data.prompts import PromptEncoder
 from verl_async.data.rows import LoadReport
 from verl_async.data.source import DataPosition, make_source
 from verl_async.data.vision import ImageError
-from verl_async.pipeline.staleness import admission_capacity
+from verl_async.pipeline.staleness import admission_capacity, committed_groups
 from verl_async.rewards import resolve_reward
 from verl_async.rollout.sampling import PromptTooLongError
 from verl_async.types import FinishReason, Generation, Group, PromptRow, Sample
 
 logger = logging.getLogger(__name__)
+QUEUE_POLL_S = 5.0  # how often a delivery waiting for room in the queue checks whether the run stopped
 
 
 @dataclass
@@ -67,6 +68,7 @@ class Rollouter:
         self.reward_fn = resolve_reward(data.reward_fn)
         self.queue = queue
         self.engine_version = engine_version
+        self.resumed_step = engine_version  # a fresh run starts at 0; a resumed one at its checkpoint's step
         self.stale_dropped = 0
         # groups put back into the queue from a checkpoint were read and delivered before it
         self.counts = RolloutCounts(read=restored_groups, delivered=restored_groups)
@@ -84,9 +86,14 @@ class Rollouter:
     async def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._produce())
 
-    async def on_step(self, engine_version: int, stale_dropped_total: int) -> None:
-        """Tell the rollouter the engines' policy_version and how many groups the queue dropped."""
+    async def on_step(self, engine_version: int) -> None:
+        """Tell the rollouter the engines' policy_version (after a train step and its sync, if any)."""
         self.engine_version = engine_version
+        self._wake.set()
+
+    async def on_stale_dropped(self, stale_dropped_total: int) -> None:
+        """Tell the rollouter how many groups the queue dropped as stale: their admission slots are
+        free at once (a trainer short of groups would otherwise wait for a step that needs them)."""
         self.stale_dropped = stale_dropped_total
         self._wake.set()
 
@@ -105,8 +112,9 @@ class Rollouter:
 
     # ---- the producer loop ----
     def _capacity(self) -> int:
-        committed = (self.counts.read - self.counts.rejected - self.counts.filtered - self.counts.failed
-                     - self.stale_dropped)
+        c = self.counts
+        committed = committed_groups(self.resumed_step, self.pipeline.batch_groups, c.read,
+                                     freed=c.rejected + c.filtered + c.failed + self.stale_dropped)
         cap = admission_capacity(self.engine_version, committed, self.pipeline.batch_groups, self.pipeline.max_staleness)
         limit = self.pipeline.max_inflight_groups or self.pipeline.batch_groups * (self.pipeline.max_staleness + 1)
         return min(cap, limit - self.counts.in_flight)
@@ -176,6 +184,12 @@ class Rollouter:
             return
         samples = [Sample(row.prompt_id, group_id, g, r, multi_modal_data=mm_inputs or None)
                    for g, r in zip(gens, rewards, strict=True)]
+        # Wait for room outside the delivery lock: a checkpoint must never wait behind a full queue
+        # (the trainer that would drain it is the one waiting for the checkpoint). The rollouter is
+        # the queue's only producer, so the room is still there when the lock is taken.
+        while not await self.queue.wait_for_room.remote(QUEUE_POLL_S):
+            if self._stopped:
+                return  # reported as in flight at the end
         async with self._delivery:
             await self.queue.put.remote(Group(row.prompt_id, samples))
             self.counts.delivered += 1

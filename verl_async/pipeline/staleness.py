@@ -12,7 +12,17 @@ committed // B - e. Admitting only while
 keeps that lag <= s whenever syncs keep up. Groups can still finish out of order, and a
 sync can lag, so the bound is enforced again, exactly, when a batch is formed: a group whose
 oldest token is older than (trainer policy_version - s) is never trained on (counted).
+
+After a resume at step k the k*B groups trained before the checkpoint are still committed:
+a rollouter that forgot them would see room for k*B more groups than the bound allows.
 """
+
+
+def committed_groups(resumed_step: int, batch_groups: int, read: int, freed: int) -> int:
+    """Groups that will be (or were) trained: those consumed before a resume at `resumed_step`,
+    plus those read in this run (restored queued groups count as read) minus those that freed
+    their slot (filtered, rejected, failed, dropped as stale)."""
+    return resumed_step * batch_groups + read - freed
 
 
 def admission_capacity(engine_version: int, committed_groups: int, batch_groups: int, max_staleness: int) -> int:
