@@ -5,7 +5,10 @@ a few run long. Synchronous RL waits for the slowest sample of every batch; part
 keeps generating across syncs. Prints JSON: wall time, tokens/s and reward for each mode,
 and the speedup.
 
-    .venv/bin/python benchmarks/async_vs_sync.py [--steps 12] [--out /tmp/bench]
+    .venv/bin/python benchmarks/async_vs_sync.py [--steps 12] [--out /tmp/bench] [--json result.json]
+
+Ray forwards worker logs to stdout as well: the JSON is the last object printed, and `--json`
+also writes it to a file.
 """
 
 import argparse
@@ -48,6 +51,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--out", default="/tmp/verl_async_bench")
+    p.add_argument("--json", default=None, help="also write the result to this file")
     p.add_argument("overrides", nargs="*", help="extra Hydra overrides for both runs")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -57,7 +61,10 @@ def main() -> None:
     result = {"workload": "digits_longtail (Pareto budgets, 8..256 tokens)", "steps": args.steps,
               "sync_baseline": sync, "partial_rollout": partial,
               "speedup_loop": round(sync["loop_s"] / partial["loop_s"], 2)}
-    print(json.dumps(result, indent=2))  # noqa: T201 - a benchmark prints its JSON
+    text = json.dumps(result, indent=2)
+    print(text)  # noqa: T201 - a benchmark prints its JSON
+    if args.json:
+        Path(args.json).write_text(text + "\n")
 
 
 if __name__ == "__main__":

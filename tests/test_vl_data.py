@@ -320,13 +320,18 @@ class _FakeServer:
         return {}
 
 
-class _FakeQueue:
-    def __init__(self):
-        self.groups = []
-        self.put = _Remote(self._put)
+class _LocalQueue:
+    """The real SampleQueue, called the way the rollouter calls the actor (`method.remote(...)`)."""
 
-    async def _put(self, group):
-        self.groups.append(group)
+    def __init__(self):
+        from verl_async.pipeline.queue import SampleQueue
+
+        self.queue = SampleQueue(capacity=4)
+        self.put, self.wait_for_room = _Remote(self.queue.put), _Remote(self.queue.wait_for_room)
+
+    @property
+    def groups(self):
+        return self.queue.snapshot()
 
 
 def test_vl_rollouter_carries_processor_outputs_and_counts_image_skips(tmp_path, vl_path, encoder):
@@ -341,7 +346,7 @@ def test_vl_rollouter_carries_processor_outputs_and_counts_image_skips(tmp_path,
             {"id": "gone", "prompt": _parts(), "ground_truth": "black", "images": ["gone.png"]}]
     (tmp_path / "rows.jsonl").write_text("\n".join(json.dumps(r) for r in recs))
     data = DataConfig(train_files=[str(tmp_path / "rows.jsonl")], reward_fn="colours", shuffle=False)
-    server, queue = _FakeServer(encoder.tokenizer), _FakeQueue()
+    server, queue = _FakeServer(encoder.tokenizer), _LocalQueue()
 
     async def scenario():
         r = Rollouter([server], [ServerInfo(0, 4096, 1, "fake")], vl_path, RolloutConfig(n=2), data,
