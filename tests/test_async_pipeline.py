@@ -99,7 +99,7 @@ def test_metrics_plots_and_checkpoint_written(partial_run):
 def test_resume_continues_the_partial_run_in_the_sync_baseline_mode(partial_run):
     """One more launch covers two checks: `resume=true` picks up the step-12 checkpoint (data position,
     in-flight rows, queued groups, trainer state), and the synchronous on-policy baseline completes.
-    Groups queued by the partial run are over the baseline's bound of 0: dropped and counted, never trained."""
+    Queued groups from the partial run that are over the baseline's bound of 0 are dropped and counted, never trained."""
     from verl_async.main import run
 
     job, out, _, _, _ = partial_run
