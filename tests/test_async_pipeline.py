@@ -4,30 +4,12 @@ One partial-rollout run per module, then small assertions on what it recorded; t
 is resumed from its last checkpoint in the synchronous on-policy baseline mode.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from pipeline_runs import compose_job, read_metrics
 from safetensors.torch import load_file
-
-from verl_async.config import register, to_job_config
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
-register()
-
-
-def _job(out: Path, *overrides: str):
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"output_dir={out}", "logging.wandb_mode=disabled", "logging.progress_bar=false", *overrides])
-    return to_job_config(cfg)
-
-
-def _records(out: Path) -> tuple[list[dict], dict]:
-    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "final" not in r], [r for r in lines if "final" in r][-1]
 
 
 @pytest.fixture(scope="module")
@@ -35,9 +17,9 @@ def partial_run(tmp_path_factory, ray_session):
     from verl_async.main import run
 
     out = tmp_path_factory.mktemp("partial")
-    job = _job(out, "pipeline=partial_rollout", "pipeline.total_steps=12", "pipeline.max_staleness=1")
+    job = compose_job(out, "pipeline=partial_rollout", "pipeline.total_steps=12", "pipeline.max_staleness=1")
     final = run(job)
-    steps, final_line = _records(out)
+    steps, final_line = read_metrics(out)
     return job, out, final, steps, final_line
 
 
@@ -104,8 +86,8 @@ def test_resume_continues_the_partial_run_in_the_sync_baseline_mode(partial_run)
 
     job, out, _, _, _ = partial_run
     total = job.pipeline.total_steps + 2
-    resumed = run(_job(out, "pipeline=sync_baseline", f"pipeline.total_steps={total}", "resume=true"))
-    steps, _ = _records(out)
+    resumed = run(compose_job(out, "pipeline=sync_baseline", f"pipeline.total_steps={total}", "resume=true"))
+    steps, _ = read_metrics(out)
     assert [r["step"] for r in steps] == list(range(total))  # no step counted twice, none skipped
     assert resumed["rollout/policy_version"] == total and resumed["ledger/balance"] == 0
     assert all(r["staleness/max"] == 0 for r in steps[job.pipeline.total_steps:])  # on-policy after the resume

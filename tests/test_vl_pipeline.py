@@ -4,24 +4,14 @@
 One short partial-rollout run for the module, then small assertions on what it recorded.
 """
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from pipeline_runs import compose_job, read_metrics
 from safetensors.torch import load_file
 
-from verl_async.config import register, to_job_config
-
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 STEPS = 3
-register()
-
-
-def _records(out: Path) -> tuple[list[dict], dict]:
-    lines = [json.loads(ln) for ln in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r for r in lines if "final" not in r], [r for r in lines if "final" in r][-1]
 
 
 @pytest.fixture(scope="module")
@@ -29,15 +19,11 @@ def vl_run(tmp_path_factory, ray_session):
     from verl_async.main import run
 
     out = tmp_path_factory.mktemp("vl")
-    with initialize_config_dir(config_dir=str(CONFIGS), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[
-            f"output_dir={out}", "logging.wandb_mode=disabled", "logging.progress_bar=false", "logging.plots=false",
-            "model=tiny_vl", "data=colours", "pipeline=partial_rollout", f"pipeline.total_steps={STEPS}",
-            "pipeline.batch_groups=2", "rollout.n=4", "rollout.response_length=12", "rollout.max_num_seqs=32",
-            "trainer.lr=1e-3"])
-    job = to_job_config(cfg)
+    job = compose_job(out, "logging.plots=false", "model=tiny_vl", "data=colours", "pipeline=partial_rollout",
+                      f"pipeline.total_steps={STEPS}", "pipeline.batch_groups=2", "rollout.n=4",
+                      "rollout.response_length=12", "rollout.max_num_seqs=32", "trainer.lr=1e-3")
     final = run(job)
-    steps, final_line = _records(out)
+    steps, final_line = read_metrics(out)
     return job, out, final, steps
 
 
