@@ -8,13 +8,13 @@ from verl_async.assets.build import ensure_asset
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description="Build verl_async's local tiny models into a cache folder.")
-    p.add_argument("kinds", nargs="*", default=["tiny", "counter"], choices=["tiny", "counter", "tiny-vl"])
+    p.add_argument("kinds", nargs="*", choices=["tiny", "counter", "tiny-vl"], help="default: tiny counter")
     p.add_argument("--assets-dir", default="~/.cache/verl_async/assets")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step", type=int, default=1, help="counter: greedy output is prev + STEP")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for kind in args.kinds:
+    for kind in args.kinds or ["tiny", "counter"]:  # argparse checks a list default against choices
         path = ensure_asset(args.assets_dir, kind, seed=args.seed, step=args.step)
         logging.info("%s: %s", kind, path)
 
