@@ -111,7 +111,8 @@ def run_verl(path: str, rows, args, probe_rows) -> dict:
     dtype = "bfloat16" if args.device == "cuda" else "float32"
     worker = TrainerWorker(0, 1, path, ModelConfig(path=path, dtype=dtype, gradient_checkpointing=args.checkpointing),
                            TrainerConfig(lr=1e-6, micro_batch_max_tokens=args.micro_batch_tokens,
-                                         fsdp=args.device == "cuda", attention=args.attention),
+                                         fsdp=args.device == "cuda", attention=args.attention,
+                                         fused_norms=bool(args.fused_norms)),
                            AlgorithmConfig(policy_loss="decoupled_ppo", is_correction="tis"),
                            total_steps=args.warmup + args.steps, device=args.device)
     reset_memory(args.device)
@@ -220,12 +221,14 @@ def run_case(shape: str, lengths: str, args) -> dict:
     probe_rows = rows[:4]
     flops = model_flops(config, rows)
     out = {"shape": shape, "lengths": lengths, "rows": len(rows), "checkpointing": args.checkpointing,
+           "fused_norms": args.fused_norms, "micro_batch_tokens": args.micro_batch_tokens,
            "tokens": sum(len(r.prompt_ids) + len(r.response_ids) for r in rows),
            "response_tokens": sum(len(r.response_ids) for r in rows),
            "longest": max(len(r.prompt_ids) + len(r.response_ids) for r in rows), "model_tflop": flops / 1e12,
            "peak_tflops": PEAK_TFLOPS, "device": args.device}
     results = {}
-    for kind, fn in (("verl_async", run_verl), ("plain_hf", run_hf)):
+    impls = [("verl_async", run_verl)] + ([] if args.skip_hf else [("plain_hf", run_hf)])
+    for kind, fn in impls:
         try:
             results[kind] = fn(path, rows, args, probe_rows)
             out[kind] = summarise(kind, results[kind], rows, flops)
@@ -268,6 +271,9 @@ def main() -> None:
     p.add_argument("--micro-batch-tokens", type=int, default=16384)
     p.add_argument("--attention", default="auto", choices=["auto", "packed", "padded"])
     p.add_argument("--checkpointing", type=int, default=1, help="gradient checkpointing, both implementations")
+    p.add_argument("--fused-norms", type=int, default=1, help="verl_async: trainer.fused_norms")
+    p.add_argument("--skip-hf", action="store_true", help="only the verl_async trainer")
+    p.add_argument("--tag", default="", help="suffix of the $OUT result file")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     p.add_argument("--model-dir", default="/tmp/verl_async_bench_models")
     args = p.parse_args()
@@ -280,7 +286,7 @@ def main() -> None:
             results.append(res)
             print(json.dumps(res), flush=True)
             if os.environ.get("OUT"):
-                Path(os.environ["OUT"], "trainer_throughput.json").write_text(json.dumps(results, indent=1))
+                Path(os.environ["OUT"], f"trainer_throughput{args.tag}.json").write_text(json.dumps(results, indent=1))
     print("shape lengths ckpt | verl tok/s MFU peakGB | plain tok/s MFU peakGB | speedup | logprob KL", flush=True)
     for r in results:
         v, h = r.get("verl_async", {}), r.get("plain_hf", {})
@@ -290,7 +296,7 @@ def main() -> None:
                     else x.get("error", "?")[:40])
 
         kl = r.get("logprob_agreement", {}).get("k3_kl", math.nan)
-        print(f"{r['shape']} {r['lengths']} {r['checkpointing']} | {cols(v)} | {cols(h)} | "
+        print(f"{r['shape']} {r['lengths']} {r['checkpointing']} fused={r['fused_norms']} | {cols(v)} | {cols(h)} | "
               f"{r.get('speedup', math.nan):.2f}x | {kl:.2e}", flush=True)
 
 

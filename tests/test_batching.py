@@ -160,3 +160,19 @@ def test_bad_rows_are_rejected_with_the_row_index():
         make_micro_batches([good, TrainRow([], [3], [-0.1], [1], 0.0, [0])], [0, 1], 100, pad_id=0)
     with pytest.raises(ValueError, match="TrainRow 0: response_ids, rollout_logprobs and loss_mask"):
         make_micro_batches([TrainRow([1], [3, 4], [-0.1], [1, 1], 0.0, [0, 0])], [0], 100, pad_id=0)
+
+
+def test_fused_rms_norm_is_the_same_function(tiny_path):
+    from verl_async.training.kernels import FusedRMSNorm, fuse_rms_norms
+
+    plain = load_hf_model(tiny_path, ModelConfig(path=tiny_path)).eval()
+    fused = load_hf_model(tiny_path, ModelConfig(path=tiny_path)).eval()
+    names = [n for n, _ in fused.named_parameters()]
+    assert fuse_rms_norms(fused) == 2 * 4 + 1  # per layer: input, post-attention, q, k; plus the final norm
+    assert [n for n, _ in fused.named_parameters()] == names
+    assert isinstance(fused.model.norm, FusedRMSNorm)
+    rows = make_rows(6, seed=4)
+    (mb,) = make_micro_batches(rows, list(range(6)), 1000, pad_id=0, padded=True)
+    a, _ = token_logprobs(plain, mb, temperature=1.0)
+    b, _ = token_logprobs(fused, mb, temperature=1.0)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

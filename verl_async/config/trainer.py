@@ -28,6 +28,9 @@ class TrainerConfig:
     torch's FlashAttention varlen kernel on CUDA in bf16/fp16, a per-row sdpa loop elsewhere), padded
     (length-sorted right-padded rows on causal sdpa), or auto (packed where the varlen kernel runs, else padded).
     Vision-language rows are always padded."""
+    fused_norms: bool = True
+    """Run the model's RMSNorms through torch's fused rms_norm kernel (one kernel each way on CUDA
+    instead of six; the same function up to bf16 rounding)."""
     mini_batches: int = 1
     """Optimizer updates per batch and epoch (the batch is split into this many mini-batches)."""
     ppo_epochs: int = 1

@@ -20,6 +20,7 @@ from torch.distributed.tensor import DTensor
 from verl_async.config.model import ModelConfig
 from verl_async.training.attention import VARLEN_IMPLEMENTATION, register_varlen_attention
 from verl_async.training.batching import MicroBatch
+from verl_async.training.kernels import fuse_rms_norms
 from verl_async.training.logprobs import LogprobQuery, install_logprob_head
 
 logger = logging.getLogger(__name__)
@@ -44,11 +45,14 @@ def load_hf_model(model_path: str, cfg: ModelConfig, attn_implementation: str = 
 
 
 def build_model(model_path: str, cfg: ModelConfig, device: torch.device, fsdp: bool, trainable: bool,
-                layout: str = "padded") -> torch.nn.Module:
+                layout: str = "padded", fused_norms: bool = False) -> torch.nn.Module:
     """Load, optionally checkpoint activations, shard (fsdp) or move to `device`. `layout`
-    (training/attention.py) picks the attention: varlen for packed rows, sdpa for padded ones.
+    (training/attention.py) picks the attention: varlen for packed rows, sdpa for padded ones;
+    `fused_norms` swaps RMSNorms for torch's fused kernel (training/kernels.py).
     A non-trainable model (the KL reference) is frozen and kept in eval mode."""
     model = load_hf_model(model_path, cfg, VARLEN_IMPLEMENTATION if layout == "packed" else "sdpa")
+    if fused_norms:
+        fuse_rms_norms(model)
     if trainable and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:

@@ -98,10 +98,10 @@ class TrainerWorker:
 
         compute = DTYPES[self.model_cfg.dtype]
         self.layout = resolve_attention(self.cfg.attention, self.device, compute, vision=is_vl_model(self.model_path))
-        self.model = build_model(self.model_path, self.model_cfg, self.device, self.cfg.fsdp, trainable=True,
-                                 layout=self.layout)
+        build = {"layout": self.layout, "fused_norms": self.cfg.fused_norms}
+        self.model = build_model(self.model_path, self.model_cfg, self.device, self.cfg.fsdp, trainable=True, **build)
         self.ref_model = (build_model(self.model_path, self.model_cfg, self.device, self.cfg.fsdp, trainable=False,
-                                      layout=self.layout) if self.algo.kl_coef > 0 else None)
+                                      **build) if self.algo.kl_coef > 0 else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
                                            weight_decay=self.cfg.weight_decay)
