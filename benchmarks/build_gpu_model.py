@@ -32,7 +32,7 @@ def main() -> None:
     tok.save_pretrained(args.out)
     cfg = Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=128, max_position_embeddings=8192,
-                      tie_word_embeddings=args.shape == "0.6B", eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=args.shape in ("0.6B", "1.7B"), eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
