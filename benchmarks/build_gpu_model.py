@@ -17,28 +17,33 @@ SHAPES = {  # hidden, layers, heads, kv heads, intermediate
 }
 
 
-def main() -> None:
+def build(shape: str, out: str) -> None:
+    """Random bf16 weights of a Qwen3 `shape` (tied like the released 0.6B and 1.7B) and the local tokenizer."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
     from verl_async.assets.tokenizer import train_tokenizer
 
-    p = argparse.ArgumentParser()
-    p.add_argument("--shape", default="0.6B", choices=sorted(SHAPES))
-    p.add_argument("--out", required=True)
-    args = p.parse_args()
-    hidden, layers, heads, kv, inter = SHAPES[args.shape]
+    hidden, layers, heads, kv, inter = SHAPES[shape]
     tok = train_tokenizer(seed=0)
-    tok.save_pretrained(args.out)
+    tok.save_pretrained(out)
     cfg = Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                       num_attention_heads=heads, num_key_value_heads=kv, head_dim=128, max_position_embeddings=8192,
-                      tie_word_embeddings=args.shape in ("0.6B", "1.7B"), eos_token_id=tok.eos_token_id,
+                      tie_word_embeddings=shape in ("0.6B", "1.7B"), eos_token_id=tok.eos_token_id,
                       pad_token_id=tok.pad_token_id, bos_token_id=tok.pad_token_id, dtype="bfloat16")
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen3ForCausalLM(cfg).to(torch.bfloat16)
-    model.save_pretrained(args.out, safe_serialization=True)
-    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(args.out)
+    model.save_pretrained(out, safe_serialization=True)
+    GenerationConfig(eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id).save_pretrained(out)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--shape", default="0.6B", choices=sorted(SHAPES))
+    p.add_argument("--out", required=True)
+    args = p.parse_args()
+    build(args.shape, args.out)
 
 
 if __name__ == "__main__":

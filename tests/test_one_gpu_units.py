@@ -347,3 +347,32 @@ def test_coordinator_ipc_transfer_is_the_sender_alone():
     metrics = asyncio.run(coord.setup(0))
     assert ("sender", "ipc", 1) in calls and "send" in calls and "pause" in calls and calls[-1] == "resume"
     assert metrics["sync/buckets"] == 1.0 and metrics["sync/send_s"] == 0.01 and "sync/transfer_s" in metrics
+
+
+def test_pipeline_gpu_scenarios_compose_for_one_gpu(monkeypatch):
+    """Every scenario of benchmarks/pipeline_gpu.py composes into a valid gpu_1x1 job (the GPU run has
+    no second chance) whose trainer fits an H200 beside the engine by the estimate."""
+    import sys
+
+    from pipeline_runs import CONFIGS as configs
+
+    sys.path.insert(0, str(configs.parent / "benchmarks"))
+    import pipeline_gpu
+
+    monkeypatch.setattr(sys, "argv", ["pipeline_gpu.py", "--scenarios", "all"])
+    args = pipeline_gpu.parse_args()
+    shapes = {"q06": memory.ModelShape(596_049_920, 596_049_920, 28, 1024, 2048, 1024, 3072, 151936),
+              "q17": memory.ModelShape(1_720_574_976, 1_720_574_976, 28, 2048, 2048, 1024, 6144, 151936)}
+    for sc in args.scenarios:
+        j = job(*pipeline_gpu.overrides(sc, args, "/models/x", CONFIGS / "x"))
+        assert j.cluster.shared_gpu and j.pipeline.mode == sc.mode and not j.trainer.save_at_end
+        assert j.rollout.n * j.pipeline.batch_groups in (128, 256)
+        need = memory.estimate_trainer_memory(
+            shapes[sc.shape], compute_dtype=j.model.dtype, micro_batch_tokens=j.trainer.micro_batch_max_tokens,
+            gradient_checkpointing=j.model.gradient_checkpointing, reference_model=j.algorithm.kl_coef > 0,
+            staging_bytes=memory.staging_bytes(shapes[sc.shape], j.model.dtype, j.sync.bucket_bytes))
+        h200_free = int(140 * memory.GiB * (1 - j.rollout.gpu_memory_utilization)) - memory.GiB
+        memory.check_fits(need, memory.trainer_budget(h200_free, j.sync.bucket_bytes), total_bytes=140 * memory.GiB,
+                          engine_fraction=j.rollout.gpu_memory_utilization)
+    assert {(sc.task, sc.mode) for sc in args.scenarios} >= {("digits_longtail", "partial_rollout"),
+                                                             ("digits_longtail", "sync_baseline")}
