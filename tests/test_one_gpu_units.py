@@ -357,6 +357,7 @@ def test_pipeline_gpu_scenarios_compose_for_one_gpu(monkeypatch):
     from pipeline_runs import CONFIGS as configs
 
     sys.path.insert(0, str(configs.parent / "benchmarks"))
+    monkeypatch.setenv("VLLM_LOGGING_STREAM", "ext://sys.stdout")  # the script would point vLLM's logs elsewhere
     import pipeline_gpu
 
     monkeypatch.setattr(sys, "argv", ["pipeline_gpu.py", "--scenarios", "all"])
