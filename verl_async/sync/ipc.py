@@ -175,6 +175,8 @@ class _Transfer:
     def add(self, name: str, tensor: torch.Tensor) -> None:
         flat = as_bytes(tensor)
         n = flat.numel()
+        if n == 0:  # no bytes to hand over (and an empty CUDA tensor has no memory to export)
+            return
         meta = TensorMeta(name=name, dtype=dtype_name(tensor.dtype), shape=list(tensor.shape))
         if n > self.bucket_bytes:  # travels alone, straight from its own memory
             self.flush()
