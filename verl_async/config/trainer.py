@@ -39,6 +39,8 @@ class TrainerConfig:
     """Shard parameters with FSDP2 across trainer workers (nccl on GPU, gloo on CPU); False: replicate and all-reduce gradients."""
     checkpoint_every_steps: int = 0
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    save_at_end: bool = True
+    """Save a checkpoint and export the HF model when the run ends (false: benchmarks and throwaway runs)."""
     seed: int = 0
     """Trainer RNG seed."""
 

@@ -80,6 +80,13 @@ class TrainerWorker:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
+    def check_gpu_memory(self, plan: Any) -> dict[str, float]:
+        """Shared GPU, before setup: fail if the trainer will not fit beside the engine, then cap this
+        process's allocator so it never takes the engine's memory (plan: memory.SharedGpuPlan)."""
+        from verl_async.training.memory import guard_shared_gpu
+
+        return guard_shared_gpu(plan)
+
     def setup(self, master_address: str, master_port: int) -> None:
         """Join the process group (nccl on GPU, gloo on CPU), build model, optimizer and schedule."""
         if self.device_type == "cuda":
@@ -284,12 +291,13 @@ class TrainerWorker:
         return full_tensors(self.model, DTYPES[self.model_cfg.dtype], self.rank, include_frozen=False, timer=timer)
 
     def init_weight_sender(self, backend: str, master_address: str, master_port: int, world_size: int,
-                           timeout_s: float) -> None:
-        """Rank 0 joins the transfer group with the engines; other ranks only help gather."""
+                           timeout_s: float, servers: list | None = None) -> None:
+        """Rank 0 joins the transfer group with the engines; other ranks only help gather.
+        ipc: no group; `servers` (RolloutServer handles) are what rank 0 loads each bucket into."""
         if self.rank == 0:
             from verl_async.sync.trainer_side import WeightSender
 
-            self._sender = WeightSender(backend, master_address, master_port, world_size, timeout_s)
+            self._sender = WeightSender(backend, master_address, master_port, world_size, timeout_s, engines=servers)
 
     def send_weights(self, bucket_bytes: int) -> dict[str, float]:
         """Gather the full weights (all ranks) and send them (rank 0) to the engines."""
