@@ -39,8 +39,10 @@ def test_estimate_counts_states_activations_logits():
     assert m.states == 1000 * (16 + 2)  # fp32 weights, grads, AdamW m and v, bf16 compute copy
     layer = 2 * (4 * 8 + 2 * 8) + 6 * (8 + 4) + 2 * (7 * 8 + 4 * 4) + 2 * 4 * 16
     assert memory.layer_activation_bytes(SHAPE, 2) == layer
-    assert m.activations == 10 * 2 * layer and m.logits == 10 * 32 * 12 and m.mask == 100
-    assert m.total == m.states + m.activations + m.logits + m.mask + 64
+    workspace = memory.logprob_workspace(SHAPE)  # fixed: the chunked log-prob head, not per token
+    assert workspace == 4 * ((1 << 30) // (4 * 32)) * 32 * 4 + 32 * 8 * 4
+    assert m.activations == 10 * 2 * layer and m.logits == workspace and m.per_token == 2 * layer
+    assert m.total == m.states + m.activations + m.logits + 64
     ckpt = memory.estimate_trainer_memory(SHAPE, compute_dtype="bfloat16", micro_batch_tokens=10,
                                           gradient_checkpointing=True, reference_model=True, staging_bytes=64)
     assert ckpt.activations == 10 * (2 * 2 * 8 + layer) < m.activations  # layer inputs + one recomputed layer

@@ -7,12 +7,12 @@ The estimate (pure, `estimate_trainer_memory`) counts, in bytes:
     activations    micro_batch_max_tokens x (per token and decoder layer: what a Qwen-style HF layer
                    saves for backward, below) x layers; with gradient checkpointing only each layer's
                    input is kept, plus one layer's activations while it is recomputed
-    logits         micro_batch_max_tokens x vocab x (compute-dtype logits + fp32 log-softmax kept for
-                   backward + their gradients)
-    attention mask micro_batch_max_tokens^2 bytes (packed rows get one boolean block-diagonal mask)
+    log-probs      a fixed workspace, whatever the micro-batch: the chunked log-prob head
+                   (training/logprobs.py) holds a few chunk x vocab fp32 buffers and, in the
+                   backward, an fp32 gradient of the output layer (vocab x hidden x 4)
     staging        the ipc weight-sync buffers (sync.bucket_bytes each)
-It is an upper-leaning estimate for HF models with SDPA attention (no L^2 attention weights are
-saved); a different attention or log-prob implementation moves it.
+No attention mask is built (packed rows run varlen attention, padded text rows causal sdpa) and
+no L^2 attention weights are saved. It is an upper-leaning estimate for HF Qwen/Llama-style models.
 
 The check runs in the trainer process once the engine is up, before the model is built: it
 compares the estimate with the GPU memory actually free, minus what the engine needs beyond its
@@ -62,23 +62,22 @@ class TrainerMemory:
     states: int
     reference: int
     activations: int
-    logits: int
-    mask: int
+    logits: int  # the log-prob workspace
     staging: int
     micro_batch_tokens: int
     gradient_checkpointing: bool
-    per_token: int  # activations + logits per token (what micro_batch_max_tokens scales)
+    per_token: int  # activations per token (what micro_batch_max_tokens scales)
     fixed: int  # everything that does not scale with it
 
     @property
     def total(self) -> int:
-        return self.states + self.reference + self.activations + self.logits + self.mask + self.staging
+        return self.states + self.reference + self.activations + self.logits + self.staging
 
     def describe(self) -> str:
         ckpt = "with" if self.gradient_checkpointing else "without"
         parts = [f"model states {_gib(self.states)}", f"activations {_gib(self.activations)} "
                  f"({self.micro_batch_tokens} tokens {ckpt} gradient checkpointing)",
-                 f"logits {_gib(self.logits)}", f"attention mask {_gib(self.mask)}",
+                 f"log-prob workspace {_gib(self.logits)}",
                  f"weight-sync staging {_gib(self.staging)}"]
         if self.reference:
             parts.insert(1, f"KL reference model {_gib(self.reference)}")
@@ -111,13 +110,20 @@ def estimate_trainer_memory(shape: ModelShape, *, compute_dtype: str, micro_batc
     reference = shape.params * FROZEN_BYTES if reference_model else 0
     layer = layer_activation_bytes(shape, cb)
     per_token_act = shape.layers * cb * shape.hidden + layer if gradient_checkpointing else shape.layers * layer
-    per_token_logits = shape.vocab * (2 * cb + 8)
+    logits = logprob_workspace(shape)
     tokens = micro_batch_tokens
     return TrainerMemory(
-        states=states, reference=reference, activations=tokens * per_token_act, logits=tokens * per_token_logits,
-        mask=tokens * tokens, staging=staging_bytes, micro_batch_tokens=tokens,
-        gradient_checkpointing=gradient_checkpointing, per_token=per_token_act + per_token_logits,
-        fixed=states + reference + staging_bytes)
+        states=states, reference=reference, activations=tokens * per_token_act, logits=logits,
+        staging=staging_bytes, micro_batch_tokens=tokens, gradient_checkpointing=gradient_checkpointing,
+        per_token=per_token_act, fixed=states + reference + logits + staging_bytes)
+
+
+def logprob_workspace(shape: ModelShape) -> int:
+    """The chunked log-prob head's peak: four chunk-sized fp32 buffers (logits, log-softmax, probabilities,
+    their gradient) and the output layer's fp32 gradient accumulator."""
+    from verl_async.training.logprobs import chunk_tokens
+
+    return 4 * chunk_tokens(shape.vocab) * shape.vocab * 4 + shape.vocab * shape.hidden * 4
 
 
 def staging_bytes(shape: ModelShape, compute_dtype: str, bucket_bytes: int) -> int:
@@ -136,9 +142,9 @@ def trainer_budget(free_bytes: int, bucket_bytes: int) -> int:
 
 
 def max_tokens(need: TrainerMemory, budget: int) -> int:
-    """The largest micro-batch whose estimate fits `budget`: fixed + t * per_token + t^2 (the mask) <= budget."""
+    """The largest micro-batch whose estimate fits `budget`: fixed + t * per_token <= budget."""
     room = budget - need.fixed
-    return max(int((-need.per_token + math.sqrt(need.per_token ** 2 + 4 * room)) / 2), 0) if room > 0 else 0
+    return max(room // need.per_token, 0) if room > 0 else 0
 
 
 def check_fits(need: TrainerMemory, budget: int, *, total_bytes: int, engine_fraction: float) -> None:
