@@ -65,10 +65,24 @@ class Scenario:
         return cls(name, shape, TASKS[task], MODES[mode])
 
 
+def longtail_rows(path: Path, cap: int, seed: int = 0) -> str:
+    """The digits_longtail task with its Pareto budgets capped at `cap` instead of 256 (a GPU decodes
+    256 tokens in about a second, too short a tail to matter), written as a data file."""
+    from verl_async.data.rows import write_jsonl
+    from verl_async.data.tasks import digits_longtail_task
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_jsonl(digits_longtail_task(2048, seed, max_tokens=cap), str(path))
+    return str(path)
+
+
 def overrides(sc: Scenario, args, model_path: str, out: Path) -> list[str]:
     """Hydra overrides of one scenario. GPU: cluster=gpu_1x1 with its defaults (engine share 0.35)."""
+    data = [f"data.generated_task={sc.task}"]
+    if sc.task == "digits_longtail":
+        data = [f"data.train_files=[{longtail_rows(out.parent / 'longtail.jsonl', args.longtail_max_tokens)}]"]
     common = [f"output_dir={out}", f"pipeline={sc.mode}", f"pipeline.total_steps={args.steps}",
-              f"data.generated_task={sc.task}", "logging.wandb_mode=disabled", "logging.progress_bar=false",
+              *data, "logging.wandb_mode=disabled", "logging.progress_bar=false",
               "logging.plots=false", "trainer.save_at_end=false", "trainer.warmup_steps=0"]
     if args.device == "cpu":  # the CPU smoke run: the tiny model, the default CPU cluster
         return common + ["model.path=tiny", "pipeline.batch_groups=4", "rollout.n=4", "rollout.response_length=32"]
@@ -181,6 +195,7 @@ def parse_args():
     p.add_argument("--digits-groups", type=int, default=16, help="digits: groups per step (x rollout.n=8 samples)")
     p.add_argument("--longtail-groups", type=int, default=32, help="longtail: groups per step (x rollout.n=8)")
     p.add_argument("--response-length", type=int, default=256, help="digits budget; longtail has its own")
+    p.add_argument("--longtail-max-tokens", type=int, default=1024, help="cap of the long-tail Pareto budgets")
     p.add_argument("--device", choices=("cuda", "cpu"), default="cuda", help="cpu: smoke run on the tiny model")
     p.add_argument("--models-dir", default="/tmp/verl_async_models")
     p.add_argument("--out", default="/tmp/verl_async_pipeline_gpu")

@@ -29,13 +29,14 @@ def digits_task(num_prompts: int, seed: int) -> list[PromptRow]:
     return rows
 
 
-def digits_longtail_task(num_prompts: int, seed: int) -> list[PromptRow]:
-    """The digits task with a long-tail per-prompt budget (extra_info.max_tokens, Pareto-distributed):
-    most answers are short, a few are long; the workload where synchronous RL waits on stragglers."""
+def digits_longtail_task(num_prompts: int, seed: int, max_tokens: int = 256) -> list[PromptRow]:
+    """The digits task with a long-tail per-prompt budget (extra_info.max_tokens, Pareto-distributed,
+    capped at max_tokens): most answers are short, a few are long; the workload where synchronous RL
+    waits on stragglers."""
     rng = random.Random(seed + 1)
     rows = digits_task(num_prompts, seed)
     for row in rows:
-        row.extra_info["max_tokens"] = min(256, int(8 * rng.paretovariate(1.2)))
+        row.extra_info["max_tokens"] = min(max_tokens, int(8 * rng.paretovariate(1.2)))
     return rows
 
 
