@@ -1,5 +1,6 @@
-"""Micro-batch packing: budgets, rank shares, and that packed / padded layouts give the same
-log-probs as running each row alone through the HF model."""
+"""Micro-batch packing: budgets, rank shares, and that every attention path (packed rows through
+the varlen attention or through transformers' sdpa with a block mask, padded rows through
+causal sdpa) gives the same log-probs and gradients as running each row alone (fp32: 2e-5)."""
 
 import random
 
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from verl_async.config.model import ModelConfig
+from verl_async.training.attention import VARLEN_IMPLEMENTATION
 from verl_async.training.batching import (
     dummy_micro_batch,
     make_micro_batches,
@@ -82,30 +84,74 @@ def test_micro_batch_layout_indices():
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tiny_path):
-    return load_hf_model(tiny_path, ModelConfig(path=tiny_path)).eval()
+def tiny_models(tiny_path):
+    """The same tiny model loaded with each attention implementation the trainer uses."""
+    return {impl: load_hf_model(tiny_path, ModelConfig(path=tiny_path), impl).eval()
+            for impl in ("sdpa", VARLEN_IMPLEMENTATION)}
+
+
+PATHS = [("sdpa", True), (VARLEN_IMPLEMENTATION, False), ("sdpa", False)]
+"""(attention implementation, padded): padded sdpa, packed varlen, packed sdpa (block mask)."""
 
 
 @torch.no_grad()
-def test_packed_and_padded_match_single_rows(tiny_model):
+def test_every_attention_path_matches_single_rows(tiny_models, monkeypatch):
+    from verl_async.training import attention
+
+    real, calls = attention.per_row_attention, []
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(attention, "per_row_attention", counted)
     rows = make_rows(12, seed=1)
     reference = []
     for r in rows:  # each row alone, no packing
         ids = torch.tensor([r.prompt_ids + r.response_ids])
-        logp = torch.log_softmax(tiny_model(input_ids=ids, use_cache=False).logits[0].float(), -1)
+        lin = tiny_models["sdpa"].get_output_embeddings()
+        logits = torch.nn.functional.linear(tiny_models["sdpa"].model(input_ids=ids).last_hidden_state[0], lin.weight)
+        logp = torch.log_softmax(logits.float(), -1)
         p = len(r.prompt_ids)
         reference.append([logp[p - 1 + j, tok].item() for j, tok in enumerate(r.response_ids)])
-    for padded in (False, True):
+    for impl, padded in PATHS:
         got: dict[int, list[float]] = {}
         mbs = make_micro_batches(rows, list(range(12)), 48, pad_id=0, padded=padded)
         assert len(mbs) > 1
         for mb in mbs:
-            lp, ent = token_logprobs(tiny_model, mb, temperature=1.0, entropy="no_grad")
+            lp, ent = token_logprobs(tiny_models[impl], mb, temperature=1.0, entropy="no_grad")
             assert (ent[mb.response_mask] > 0).all()
             for j, i in enumerate(mb.row_ids):
                 got[i] = lp[j, : len(rows[i].response_ids)].tolist()
         for i in range(12):
-            assert got[i] == pytest.approx(reference[i], abs=2e-5), (padded, i)
+            assert got[i] == pytest.approx(reference[i], abs=2e-5), (impl, padded, i)
+    assert calls, "the varlen path never ran our attention function"
+
+
+def test_every_attention_path_gives_the_same_gradients(tiny_models):
+    rows = [r for r in make_rows(16, seed=2) if r.response_ids]
+    grads = {}
+    for impl, padded in PATHS:
+        model = tiny_models[impl]
+        model.zero_grad(set_to_none=True)
+        for mb in make_micro_batches(rows, list(range(len(rows))), 64, pad_id=0, padded=padded):
+            lp, ent = token_logprobs(model, mb, temperature=0.8, entropy="grad")
+            ((lp * mb.advantages[:, None] + 0.1 * ent) * mb.loss_mask).sum().backward()
+        grads[(impl, padded)] = {n: p.grad.clone() for n, p in model.named_parameters()}
+    base = grads[PATHS[0]]
+    for path in PATHS[1:]:
+        for name, g in grads[path].items():
+            torch.testing.assert_close(g, base[name], atol=2e-5, rtol=1e-4, msg=f"{path} {name}")
+
+
+def test_padded_text_rows_carry_no_mask_and_packed_rows_their_boundaries():
+    rows = make_rows(5, seed=3)
+    (pd,) = make_micro_batches(rows, list(range(5)), 1000, pad_id=0, padded=True)
+    assert pd.layout == "padded" and pd.attention_mask is None and pd.cu_seq_lens is None
+    (pk,) = make_micro_batches(rows, list(range(5)), 1000, pad_id=0, padded=False)
+    lengths = [row_length(r) for r in rows]
+    assert pk.cu_seq_lens.tolist() == [sum(lengths[:i]) for i in range(6)] and pk.max_seq_len == max(lengths)
+    assert pk.loss_tokens == pd.loss_tokens == sum(len(r.loss_mask) for r in rows)
 
 
 def test_bad_rows_are_rejected_with_the_row_index():
@@ -114,3 +160,19 @@ def test_bad_rows_are_rejected_with_the_row_index():
         make_micro_batches([good, TrainRow([], [3], [-0.1], [1], 0.0, [0])], [0, 1], 100, pad_id=0)
     with pytest.raises(ValueError, match="TrainRow 0: response_ids, rollout_logprobs and loss_mask"):
         make_micro_batches([TrainRow([1], [3, 4], [-0.1], [1, 1], 0.0, [0, 0])], [0], 100, pad_id=0)
+
+
+def test_fused_rms_norm_is_the_same_function(tiny_path):
+    from verl_async.training.kernels import FusedRMSNorm, fuse_rms_norms
+
+    plain = load_hf_model(tiny_path, ModelConfig(path=tiny_path)).eval()
+    fused = load_hf_model(tiny_path, ModelConfig(path=tiny_path)).eval()
+    names = [n for n, _ in fused.named_parameters()]
+    assert fuse_rms_norms(fused) == 2 * 4 + 1  # per layer: input, post-attention, q, k; plus the final norm
+    assert [n for n, _ in fused.named_parameters()] == names
+    assert isinstance(fused.model.norm, FusedRMSNorm)
+    rows = make_rows(6, seed=4)
+    (mb,) = make_micro_batches(rows, list(range(6)), 1000, pad_id=0, padded=True)
+    a, _ = token_logprobs(plain, mb, temperature=1.0)
+    b, _ = token_logprobs(fused, mb, temperature=1.0)
+    torch.testing.assert_close(a, b, atol=1e-5, rtol=0)

@@ -55,6 +55,6 @@ def test_logprob_parity_bf16_gpu(tiny_path, tmp_path):
         kl = k3(mine - engine).mean().item()
         print(f"bf16 GPU: {engine.numel()} tokens, mismatch k3 KL {kl:.3e}, "
               f"mean |diff| {(mine - engine).abs().mean().item():.3e}, max |diff| {(mine - engine).abs().max().item():.3e}")
-        assert kl < 1e-2
+        assert kl < 1e-3  # issue 10: the trainer's varlen + chunked log-prob path must keep this
     finally:
         worker.shutdown()

@@ -102,3 +102,23 @@ def test_decoupled_tis_kl_entropy_step(tiny_path):
         assert m2["train/kl"] > 0  # the policy has moved away from the reference
     finally:
         worker.shutdown()
+
+
+@pytest.mark.parametrize("mini_batches", [1, 2])
+def test_proximal_pass_only_when_a_step_makes_several_updates(tiny_path, mini_batches):
+    """decoupled_ppo with one update per step trains on the current log-probs as the proximal ones
+    (no extra forward pass); with several updates the proximal log-probs come from a pass first."""
+    algo = AlgorithmConfig(policy_loss="decoupled_ppo", is_correction="tis")
+    worker = make_worker(tiny_path, algo, mini_batches=mini_batches, micro_batch_max_tokens=4096)
+    try:
+        rows = on_policy(worker, random_rows(6, seed=3))
+        calls = []
+        hook = worker.model.register_forward_pre_hook(lambda *_: calls.append(1))
+        m = worker.train_step(TrainBatch(rows=rows, step=0, policy_version=0)).metrics
+        hook.remove()
+        updates = mini_batches  # one micro-batch per mini-batch at this budget
+        assert len(calls) == updates + (updates if updates > 1 else 0)
+        assert m["train/mismatch_kl"] == pytest.approx(0.0, abs=1e-6)
+        assert m["train/is_ratio_mean"] == pytest.approx(1.0, abs=1e-5)
+    finally:
+        worker.shutdown()

@@ -30,10 +30,13 @@ def resolve_device(requested: str) -> str:
 
 def run(job: JobConfig) -> dict[str, float]:
     """Run the job described by a validated config; returns the final metrics."""
+    from verl_async.config._check import check
     from verl_async.config.rollout import check_device
 
     device = resolve_device(job.cluster.device)
     check_device(job.rollout, device)
+    check(not (job.cluster.shared_gpu and device != "cuda"), "cluster.shared_gpu", True,
+          "no GPU is visible: a shared GPU needs CUDA (use cluster=cpu on a CPU machine).")
     if job.smoke:
         from verl_async.smoke import run_smoke
 

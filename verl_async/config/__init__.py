@@ -53,12 +53,32 @@ class JobConfig:
               "rollout.n", self.rollout.n, "GRPO normalises within a group: use rollout.n >= 2.")
         if self.cluster.device != "auto":
             check_device(self.rollout, self.cluster.device)
+        self._check_gpu_sharing()
         if self.cluster.device == "cuda":
             engines = self.rollout.num_servers * self.rollout.tensor_parallel_size
             check(self.cluster.rollout_gpus == engines, "cluster.rollout_gpus", self.cluster.rollout_gpus,
                   f"it must equal rollout.num_servers * rollout.tensor_parallel_size = {engines}.")
             check(self.cluster.trainer_gpus == self.trainer.num_workers, "cluster.trainer_gpus",
                   self.cluster.trainer_gpus, f"it must equal trainer.num_workers = {self.trainer.num_workers}.")
+        self._check_gpu_sharing()
+
+    def _check_gpu_sharing(self) -> None:
+        """A shared GPU holds one engine and one trainer worker, and weights cross by CUDA IPC."""
+        r, c = self.rollout, self.cluster
+        if not c.shared_gpu:
+            check(self.sync.backend != "ipc", "sync.backend", self.sync.backend,
+                  "CUDA IPC needs the trainer and the engine on one GPU: set cluster.shared_gpu=true "
+                  "(cluster=gpu_1x1), or use auto / nccl.")
+            return
+        one = (r.num_servers, r.tensor_parallel_size, self.trainer.num_workers) == (1, 1, 1)
+        check(one, "cluster.shared_gpu", True,
+              "one shared GPU holds one engine and one trainer worker: set rollout.num_servers=1, "
+              "rollout.tensor_parallel_size=1 and trainer.num_workers=1 (or give each role its own GPUs, "
+              "e.g. cluster=gpu_1x2).")
+        check(self.sync.backend in ("auto", "ipc"), "sync.backend", self.sync.backend,
+              "on a shared GPU weights move by CUDA IPC (NCCL cannot connect two ranks on one GPU): use auto or ipc.")
+        check(r.gpu_memory_utilization <= 0.8, "rollout.gpu_memory_utilization", r.gpu_memory_utilization,
+              "on a shared GPU it is the engine's share; leave the trainer the rest, e.g. 0.35.")
 
 
 _registered = False

@@ -21,6 +21,13 @@ class ClusterConfig:
     """CPU cores reserved for each rollout server."""
     cpus_per_trainer_worker: int = 1
     """CPU cores reserved for each trainer worker."""
+    shared_gpu: bool = False
+    """cuda: the rollout engine and the trainer worker share one GPU, both live at once (one server, one
+    worker; rollout_gpus and trainer_gpus both count that GPU). The engine takes rollout.gpu_memory_utilization
+    of its memory and starts first; the trainer gets the rest. Weights move by CUDA IPC (sync.backend=auto)."""
+    memory_check: bool = True
+    """shared_gpu: refuse to start when the trainer's estimated memory does not fit beside the engine
+    (false: skip the estimate; the trainer's memory is still capped so it cannot take the engine's)."""
 
     def __post_init__(self) -> None:
         check_choice("cluster.device", self.device, ("auto", "cuda", "cpu"))
@@ -28,4 +35,6 @@ class ClusterConfig:
         check(self.rollout_gpus >= 0 and self.trainer_gpus >= 0, "cluster.rollout_gpus/trainer_gpus",
               (self.rollout_gpus, self.trainer_gpus), "use 0 or more.")
         check(self.cpus_per_rollout_server >= 1, "cluster.cpus_per_rollout_server", self.cpus_per_rollout_server, "use at least 1.")
+        check(not (self.shared_gpu and self.device == "cpu"), "cluster.shared_gpu", self.shared_gpu,
+              "a shared GPU needs cluster.device=cuda (or auto on a GPU machine); use false on CPU.")
         check(self.cpus_per_trainer_worker >= 1, "cluster.cpus_per_trainer_worker", self.cpus_per_trainer_worker, "use at least 1.")

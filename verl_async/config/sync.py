@@ -4,13 +4,17 @@ from dataclasses import dataclass
 
 from verl_async.config._check import check, check_choice
 
+BACKENDS = ("auto", "nccl", "ipc", "gloo")
+
 
 @dataclass
 class SyncConfig:
     backend: str = "auto"
-    """auto (nccl on GPU, gloo on CPU), nccl or gloo."""
+    """auto: ipc when trainer and engine share one GPU (cluster.shared_gpu), nccl when they have GPUs of
+    their own, gloo on CPU. Or name one: nccl, ipc (CUDA IPC, one GPU), gloo."""
     bucket_bytes: int = 1 << 30
-    """Tensors are packed into buckets of at most this many bytes."""
+    """Tensors are packed into buckets of at most this many bytes (ipc: the trainer keeps two staging
+    buffers of this size on the GPU; a larger tensor is handed over from its own memory)."""
     clear_cache: bool = True
     """Reset KV, prefix and multimodal caches at every sync (in-flight requests re-prefill under the new weights)."""
     timeout_s: float = 600.0
@@ -19,6 +23,6 @@ class SyncConfig:
     """Port of the transfer group's rendezvous (0: pick a free one)."""
 
     def __post_init__(self) -> None:
-        check_choice("sync.backend", self.backend, ("auto", "nccl", "gloo"))
+        check_choice("sync.backend", self.backend, BACKENDS)
         check(self.bucket_bytes >= 1 << 20, "sync.bucket_bytes", self.bucket_bytes, "use at least 1 MiB (1048576).")
         check(self.timeout_s > 0, "sync.timeout_s", self.timeout_s, "use a positive number of seconds.")

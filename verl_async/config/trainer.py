@@ -23,6 +23,14 @@ class TrainerConfig:
     """Gradient clipping by global norm (0: off)."""
     micro_batch_max_tokens: int = 8192
     """Token budget of one micro-batch (sequences are packed under it; gradients accumulate over micro-batches)."""
+    attention: str = "auto"
+    """Row layout and attention: packed (rows concatenated, padding-free varlen attention, cost sum(len^2);
+    torch's FlashAttention varlen kernel on CUDA in bf16/fp16, a per-row sdpa loop elsewhere), padded
+    (length-sorted right-padded rows on causal sdpa), or auto (packed where the varlen kernel runs, else padded).
+    Vision-language rows are always padded."""
+    fused_norms: bool = True
+    """Run the model's RMSNorms through torch's fused rms_norm kernel (one kernel each way on CUDA
+    instead of six; the same function up to bf16 rounding)."""
     mini_batches: int = 1
     """Optimizer updates per batch and epoch (the batch is split into this many mini-batches)."""
     ppo_epochs: int = 1
@@ -31,6 +39,8 @@ class TrainerConfig:
     """Shard parameters with FSDP2 across trainer workers (nccl on GPU, gloo on CPU); False: replicate and all-reduce gradients."""
     checkpoint_every_steps: int = 0
     """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    save_at_end: bool = True
+    """Save a checkpoint and export the HF model when the run ends (false: benchmarks and throwaway runs)."""
     seed: int = 0
     """Trainer RNG seed."""
 
@@ -42,6 +52,7 @@ class TrainerConfig:
         check(self.max_grad_norm >= 0, "trainer.max_grad_norm", self.max_grad_norm, "use 0 (off) or a positive norm.")
         check(self.micro_batch_max_tokens > 0, "trainer.micro_batch_max_tokens", self.micro_batch_max_tokens,
               "use a positive token budget.")
+        check_choice("trainer.attention", self.attention, ("auto", "packed", "padded"))
         check(self.mini_batches >= 1, "trainer.mini_batches", self.mini_batches, "use at least 1.")
         check(self.ppo_epochs >= 1, "trainer.ppo_epochs", self.ppo_epochs, "use at least 1.")
         check(self.checkpoint_every_steps >= 0, "trainer.checkpoint_every_steps", self.checkpoint_every_steps, "use 0 or more.")

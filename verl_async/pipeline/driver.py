@@ -46,10 +46,16 @@ async def train_loop(job: JobConfig, r: Roles, report: Reporter, start: checkpoi
                            "rollout/truncated_frac": stats.truncated_frac,
                            "queue/depth": await r.queue.depth.remote(),
                            "perf/step_s": elapsed, "perf/tokens_per_s": rollout["rollout/tokens"] / elapsed,
+                           "perf/trainer_tokens_per_s": trainer_tokens_per_s(train.metrics),
                            "perf/trainer_idle_ratio": min(1.0, wait_s / elapsed)})
         if job.trainer.checkpoint_every_steps and (step + 1) % job.trainer.checkpoint_every_steps == 0:
             await save_checkpoint(job, r, step + 1)
     return await finish(job, r, report)
+
+
+def trainer_tokens_per_s(train: dict[str, float]) -> float:
+    """Tokens (prompt + response) the trainer processed per second of its step."""
+    return train["train/tokens"] / max(train["train/step_s"], 1e-9)
 
 
 async def take_batch(r: Roles, num_groups: int, trainer_version: int, max_staleness: int,
@@ -78,8 +84,9 @@ async def save_checkpoint(job: JobConfig, r: Roles, step: int) -> None:
 async def finish(job: JobConfig, r: Roles, report: Reporter) -> dict[str, float]:
     """Stop the rollout, save, and account for every prompt read."""
     counts = await r.rollouter.stop.remote()
-    await save_checkpoint(job, r, job.pipeline.total_steps)
-    await asyncio.to_thread(r.trainer.export_hf, f"{job.output_dir}/hf")
+    if job.trainer.save_at_end:
+        await save_checkpoint(job, r, job.pipeline.total_steps)
+        await asyncio.to_thread(r.trainer.export_hf, f"{job.output_dir}/hf")
     queue = await r.queue.counts.remote()
     ledger = Ledger(read=counts.read, trained=queue["taken"], filtered=counts.filtered, rejected=counts.rejected,
                     stale_dropped=queue["stale_dropped"], failed=counts.failed, in_flight=counts.in_flight,

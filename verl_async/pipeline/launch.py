@@ -1,7 +1,9 @@
-"""Start Ray (or join the cluster this job runs in) and place every role on its own resources.
+"""Start Ray (or join the cluster this job runs in) and place every role on its resources.
 
 Rollout servers and trainer workers get separate placement groups sized from the cluster
-config (GPUs on cuda; CPU cores on a CPU machine, one vLLM engine bound per core).
+config (GPUs on cuda; CPU cores on a CPU machine, one vLLM engine bound per core), or, on a
+shared GPU (cluster.shared_gpu), one group whose bundle holds the GPU for both (resources.py).
+A cluster too small for the job fails before anything starts.
 """
 
 import logging
@@ -9,9 +11,11 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
-from verl_async.config import JobConfig
+from verl_async.config import JobConfig, SyncConfig
+from verl_async.pipeline.resources import Placement, check_cluster, plan_placement
 
 logger = logging.getLogger(__name__)
+SHUTDOWN_S = 30.0  # engines get this long to release their memory before their actors are killed
 
 
 @dataclass
@@ -29,6 +33,7 @@ class Roles:
     def shutdown(self) -> None:
         import ray
 
+        stop_servers(self.servers)
         for handle in [self.rollouter, self.queue, *self.servers]:
             if handle is not None:
                 ray.kill(handle, no_restart=True)
@@ -83,27 +88,45 @@ def _placement_group(bundles: list[dict[str, float]], name: str):
     return pg
 
 
-def start_servers(job: JobConfig, device: str, model_path: str) -> tuple[list[Any], list[Any], Any]:
+def job_sync(job: JobConfig, device: str) -> SyncConfig:
+    """job.sync with its backend resolved (auto -> ipc on a shared GPU), for engines, trainer and coordinator."""
+    from verl_async.sync.engine_side import resolved_sync
+
+    return resolved_sync(job.sync, device, shared_gpu=job.cluster.shared_gpu)
+
+
+def start_servers(job: JobConfig, device: str, model_path: str, sync: SyncConfig | None = None,
+                  placement: Placement | None = None) -> tuple[list[Any], list[Any], Any]:
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
     from verl_async.rollout.server import RolloutServer
+    from verl_async.sync.engine_side import engine_env
 
     r, c = job.rollout, job.cluster
-    gpus = r.tensor_parallel_size if device == "cuda" else 0
-    pg = _placement_group([{"CPU": c.cpus_per_rollout_server, "GPU": gpus} if gpus else
-                           {"CPU": c.cpus_per_rollout_server}] * r.num_servers, "rollout")
+    sync = sync or job_sync(job, device)
+    placement = placement or plan_placement(job, device)
+    pg = _placement_group(list(placement.rollout.bundles), "rollout")
     cores = os.cpu_count() or 1
     servers = []
     for i in range(r.num_servers):
         env = {"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)} if device == "cpu" else {}
         servers.append(ray.remote(RolloutServer).options(
-            num_cpus=c.cpus_per_rollout_server, num_gpus=gpus, runtime_env={"env_vars": env},
+            num_cpus=c.cpus_per_rollout_server, num_gpus=placement.server_gpus,
+            runtime_env={"env_vars": env | engine_env(sync.backend)},
             max_concurrency=100_000,  # a pause must never queue behind in-flight generate calls
             scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(i, model_path, job.model, r, job.sync, device, job.data.max_images_per_prompt))
+        ).remote(i, model_path, job.model, r, sync, device, job.data.max_images_per_prompt))
     infos = ray.get([s.start.remote() for s in servers])
     return servers, infos, pg
+
+
+def stop_servers(servers: list[Any], timeout_s: float = SHUTDOWN_S) -> None:
+    """Shut the engines down (their GPU memory is free when this returns), before their actors are killed."""
+    import ray
+
+    refs = [s.shutdown.remote() for s in servers]
+    ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
 
 
 def launch(job: JobConfig, device: str, model_path: str) -> Roles:
@@ -112,20 +135,52 @@ def launch(job: JobConfig, device: str, model_path: str) -> Roles:
 
     from verl_async.pipeline.queue import SampleQueue
     from verl_async.sync.coordinator import WeightSyncCoordinator
-    from verl_async.training.group import TrainerGroup
 
-    servers, infos, rollout_pg = start_servers(job, device, model_path)
-    c = job.cluster
-    trainer_pg = _placement_group([{"CPU": c.cpus_per_trainer_worker, "GPU": 1} if device == "cuda" else
-                                   {"CPU": c.cpus_per_trainer_worker}] * job.trainer.num_workers, "trainer")
-    trainer = TrainerGroup(model_path, job.model, job.trainer, job.algorithm, job.pipeline.total_steps, device,
-                           temperature=job.rollout.temperature, cpus_per_worker=c.cpus_per_trainer_worker,
-                           placement_group=trainer_pg)
+    placement = plan_placement(job, device)
+    check_cluster(placement)  # seconds, not a placement-group timeout
+    sync = job_sync(job, device)
+    shared = None
+    if placement.shared:  # the estimate needs only the model's config; the check runs in the trainer
+        from verl_async.training.memory import plan_shared_gpu
+
+        shared = plan_shared_gpu(model_path, job.model, job.trainer, job.algorithm, sync, job.cluster, job.rollout)
+    # Servers first: vLLM sizes its KV cache from the GPU memory it measures while it profiles, so on a
+    # shared GPU the engine must be up before the trainer allocates anything (and the trainer then
+    # checks what the engine left).
+    servers, infos, rollout_pg = start_servers(job, device, model_path, sync, placement)
+    try:
+        trainer, trainer_pg = _start_trainer(job, device, model_path, placement, rollout_pg, shared)
+    except BaseException:
+        stop_servers(servers)
+        for s in servers:
+            ray.kill(s, no_restart=True)
+        ray.util.remove_placement_group(rollout_pg)
+        raise
     p = job.pipeline
     queue = ray.remote(SampleQueue).options(num_cpus=0).remote(capacity=p.batch_groups * (p.max_staleness + 2))
-    coordinator = WeightSyncCoordinator(servers, trainer.sender, job.sync, pause_mode=p.pause_mode, device=device,
+    coordinator = WeightSyncCoordinator(servers, trainer.sender, sync, pause_mode=p.pause_mode, device=device,
                                         workers_per_server=job.rollout.tensor_parallel_size)
-    return Roles(servers, infos, trainer, queue, coordinator, [rollout_pg, trainer_pg])
+    pgs = [rollout_pg] if trainer_pg is rollout_pg else [rollout_pg, trainer_pg]
+    return Roles(servers, infos, trainer, queue, coordinator, pgs)
+
+
+def _start_trainer(job: JobConfig, device: str, model_path: str, placement: Placement, rollout_pg: Any,
+                   shared: Any) -> tuple[Any, Any]:
+    """The trainer group, in its own placement group or (shared GPU) in the servers' bundles."""
+    import ray
+
+    from verl_async.training.group import TrainerGroup
+
+    pg = rollout_pg if placement.trainer is None else _placement_group(list(placement.trainer.bundles), "trainer")
+    try:
+        trainer = TrainerGroup(model_path, job.model, job.trainer, job.algorithm, job.pipeline.total_steps, device,
+                               temperature=job.rollout.temperature, cpus_per_worker=job.cluster.cpus_per_trainer_worker,
+                               placement_group=pg, gpus_per_worker=placement.worker_gpus, shared_gpu=shared)
+    except BaseException:
+        if pg is not rollout_pg:
+            ray.util.remove_placement_group(pg)
+        raise
+    return trainer, pg
 
 
 def start_rollouter(job: JobConfig, roles: Roles, model_path: str, start) -> None:

@@ -5,13 +5,19 @@
 - Trainer-side NCCL send: 0.26 has the static `NCCLWeightTransferEngine.trainer_send_weights`,
   0.32 only the trainer engine class; both have `packed_nccl_broadcast_producer`.
 - `stateless_init_torch_distributed_process_group(timeout=...)` exists only in 0.32.
+- IPC `packed`: 0.26 reads it from each update request (`IPCWeightTransferUpdateInfo.packed`), 0.32
+  from the init request (`IPCWeightTransferInitInfo.packed`; an update carrying it is rejected).
+  Both take the handles as `ipc_handles_pickled` (base64 pickle; the engine needs
+  VLLM_ALLOW_INSECURE_SERIALIZATION=1), which also crosses AsyncLLM's msgpack hop as a plain string.
 Everything else the package uses (the engine base class constructor, the factory's
 `register_engine`, `nccl_common.trainer_init`, the layerwise reload) is the same in both.
 """
 
+import base64
 import dataclasses
 import functools
 import inspect
+import pickle
 from collections.abc import Iterator, Sequence
 from datetime import timedelta
 from typing import Any
@@ -26,7 +32,7 @@ NCCL_NUM_BUFFERS = 2  # vLLM's default double buffering for packed NCCL broadcas
 
 def vllm_backend(backend: str) -> str:
     """Our backend name (SyncConfig, resolved) -> the key vLLM's factory knows it by."""
-    return {"gloo": GLOO_BACKEND, "nccl": "nccl"}[backend]
+    return {"gloo": GLOO_BACKEND, "nccl": "nccl", "ipc": "ipc"}[backend]
 
 
 @functools.cache
@@ -35,6 +41,14 @@ def nccl_packed_in_init() -> bool:
     from vllm.distributed.weight_transfer.nccl_common import NCCLWeightTransferInitInfo
 
     return "packed" in {f.name for f in dataclasses.fields(NCCLWeightTransferInitInfo)}
+
+
+@functools.cache
+def ipc_packed_in_init() -> bool:
+    """True on vLLM versions (0.32) whose IPC init request carries `packed`."""
+    from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferInitInfo
+
+    return "packed" in {f.name for f in dataclasses.fields(IPCWeightTransferInitInfo)}
 
 
 def _nccl_packing(bucket_bytes: int) -> dict[str, Any]:
@@ -48,6 +62,8 @@ def engine_init_info(
     """The `init_weight_transfer_engine` payload for one engine whose workers start at `rank_offset`."""
     info: dict[str, Any] = {"master_address": master_address, "master_port": master_port,
                             "rank_offset": rank_offset, "world_size": world_size}
+    if backend == "ipc":  # no rendezvous: the handles travel with each update
+        return {"packed": True} if ipc_packed_in_init() else {}
     if backend == "gloo":
         info["timeout_s"] = timeout_s
     elif nccl_packed_in_init():
@@ -56,13 +72,30 @@ def engine_init_info(
 
 
 def engine_update_info(backend: str, metas: Sequence[TensorMeta], bucket_bytes: int) -> dict[str, Any]:
-    """The `update_weights` payload: names, dtypes and shapes of what the trainer will send, in order."""
+    """The `update_weights` payload: names, dtypes and shapes of what the trainer will send, in order.
+    (ipc has one payload per bucket, built by the trainer: `ipc_update_info`.)"""
+    if backend == "ipc":
+        raise ValueError("ipc updates are per bucket and carry IPC handles: the trainer builds them (ipc_update_info)")
     info: dict[str, Any] = {"names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
                             "shapes": [list(m.shape) for m in metas]}
     if backend == "gloo":
         info["bucket_bytes"] = bucket_bytes
     elif not nccl_packed_in_init():
         info.update(_nccl_packing(bucket_bytes))
+    return info
+
+
+def ipc_update_info(metas: Sequence[TensorMeta], tensor_sizes: Sequence[int], ipc_handle: dict[str, tuple]) -> dict[str, Any]:
+    """The `update_weights` payload of one packed IPC bucket: its tensors (in buffer order), their byte
+    sizes, and the handle of the buffer ({physical GPU UUID: torch rebuild args})."""
+    if len(metas) != len(tensor_sizes):
+        raise ValueError(f"{len(metas)} tensors but {len(tensor_sizes)} sizes in one IPC bucket")
+    info: dict[str, Any] = {
+        "names": [m.name for m in metas], "dtype_names": [m.dtype for m in metas],
+        "shapes": [list(m.shape) for m in metas], "tensor_sizes": list(tensor_sizes),
+        "ipc_handles_pickled": base64.b64encode(pickle.dumps(ipc_handle)).decode("ascii")}
+    if not ipc_packed_in_init():
+        info["packed"] = True
     return info
 
 

@@ -4,7 +4,9 @@
     -> start_weight_update -> trainer broadcast || each server's update_weights (one call each)
     -> finish_weight_update(policy_version) -> resume
 
-One control call per phase per server, never one per parameter. Every phase is timed out
+One control call per phase per server, never one per parameter. With ipc (trainer and engine on
+one GPU) the transfer phase is the sender alone: it calls each server's update_weights once per
+packed bucket itself, since an engine must load a bucket before the trainer reuses its memory. Every phase is timed out
 (SyncConfig.timeout_s for the whole cycle); a failure raises WeightSyncError naming the phase
 and each side's error, and the servers are resumed whatever happened. The tensor list is
 checked before the pause (against what the engines accepted at the start-up handshake), so a
@@ -67,7 +69,7 @@ class WeightSyncCoordinator:
     `servers`: RolloutServer handles (init_weight_transfer, start_weight_update, update_weights,
     finish_weight_update, pause, resume). `sender`: the trainer's rank-0 handle with
     init_weight_sender, tensor_metas and send_weights. `device` resolves backend `auto`
-    (None: CUDA if this process sees one). `workers_per_server`: vLLM workers per engine
+    (None: CUDA if this process sees one); pass a resolved SyncConfig for a shared GPU (ipc). `workers_per_server`: vLLM workers per engine
     (its tensor x pipeline parallel size). `master_address`: where the trainer's rendezvous
     listens (None: this node's address; the sender must run on this node then).
     """
@@ -101,15 +103,20 @@ class WeightSyncCoordinator:
         address = self.master_address or local_address()
         port = cfg.master_port or free_port()
         world_size = 1 + len(self.servers) * self.workers_per_server
+        engines = {"servers": self.servers} if self.backend == "ipc" else {}  # ipc: the sender drives the loads
         calls: dict[str, Awaitable] = {
-            "sender": call(self.sender, "init_weight_sender", self.backend, address, port, world_size, cfg.timeout_s)}
+            "sender": call(self.sender, "init_weight_sender", self.backend, address, port, world_size, cfg.timeout_s,
+                           **engines)}
         for i, server in enumerate(self.servers):
             info = compat.engine_init_info(
                 self.backend, master_address=address, master_port=port, world_size=world_size,
                 rank_offset=1 + i * self.workers_per_server, bucket_bytes=cfg.bucket_bytes, timeout_s=cfg.timeout_s)
             calls[f"server {i}"] = call(server, "init_weight_transfer", info)
         await self._phase("form the transfer group", calls, time.perf_counter() + cfg.timeout_s, -1)
-        logger.info("weight sync: %s group of %d ranks formed at %s:%d", self.backend, world_size, address, port)
+        if self.backend == "ipc":
+            logger.info("weight sync: CUDA IPC from the trainer into %d engine(s) on its GPU", len(self.servers))
+        else:
+            logger.info("weight sync: %s group of %d ranks formed at %s:%d", self.backend, world_size, address, port)
         return await self.sync(policy_version)
 
     async def sync(self, policy_version: int) -> dict[str, float]:
@@ -121,7 +128,8 @@ class WeightSyncCoordinator:
                 check_metas(metas, self._accepted, what="the engines (as of the start-up handshake)")
             except ValueError as exc:
                 raise WeightSyncError(f"sync to policy_version {policy_version}: {exc}") from exc
-        update_info = compat.engine_update_info(self.backend, metas, cfg.bucket_bytes)
+        # ipc has no update request of its own: the sender builds one per bucket
+        update_info = None if self.backend == "ipc" else compat.engine_update_info(self.backend, metas, cfg.bucket_bytes)
         deadline = time.perf_counter() + cfg.timeout_s
         servers = dict(enumerate(self.servers))
         timings: dict[str, float] = {}
@@ -140,8 +148,7 @@ class WeightSyncCoordinator:
         try:
             await timed("sync/pause_s", "pause", each("pause", mode=self.pause_mode, clear_cache=cfg.clear_cache))
             await timed("sync/start_s", "start_weight_update", each("start_weight_update"))
-            sent = await timed("sync/transfer_s", "transfer", {
-                "sender": call(self.sender, "send_weights", cfg.bucket_bytes), **each("update_weights", update_info)})
+            sent = await timed("sync/transfer_s", "transfer", self._transfer_calls(update_info, each))
             await timed("sync/finish_s", "finish_weight_update", each("finish_weight_update", policy_version))
         except WeightSyncError as exc:
             failure = exc
@@ -159,14 +166,21 @@ class WeightSyncCoordinator:
         if self._accepted is None:
             self._accepted = {m.name: list(m.shape) for m in metas}
         self.policy_version = policy_version
-        stats = sent["sender"]
+        stats = dict(sent["sender"])
         metrics = {**timings, "sync/total_s": time.perf_counter() - t_start,
-                   "sync/bytes": stats["sync/bytes"], "sync/gather_s": stats["sync/gather_s"],
-                   "sync/send_s": stats["sync/transfer_s"]}
+                   "sync/bytes": stats.pop("sync/bytes"), "sync/gather_s": stats.pop("sync/gather_s"),
+                   "sync/send_s": stats.pop("sync/transfer_s"), **stats}
         metrics["sync/GBps"] = metrics["sync/bytes"] / max(metrics["sync/transfer_s"], 1e-9) / 1e9
         logger.info("weight sync to policy_version %d: %.1f MB in %.3f s (transfer %.3f s)", policy_version,
                     metrics["sync/bytes"] / 1e6, metrics["sync/total_s"], metrics["sync/transfer_s"])
         return metrics
+
+    def _transfer_calls(self, update_info: dict[str, Any] | None, each) -> dict[str, Awaitable]:
+        """The sender broadcasts while every server receives; ipc: the sender hands each bucket over."""
+        send = call(self.sender, "send_weights", self.sync_config.bucket_bytes)
+        if update_info is None:
+            return {"sender": send}
+        return {"sender": send, **each("update_weights", update_info)}
 
     async def _phase(self, label: str, calls: dict[str, Awaitable], deadline: float,
                      policy_version: int) -> dict[str, Any]:

@@ -1,5 +1,7 @@
-"""What a rollout engine needs at start-up to take weight updates: its vLLM engine-args kwargs."""
+"""What a rollout engine needs at start-up to take weight updates: the resolved backend, its vLLM
+engine-args kwargs and its environment."""
 
+import dataclasses
 from typing import Any
 
 from verl_async.config._check import check
@@ -7,15 +9,27 @@ from verl_async.config.sync import SyncConfig
 from verl_async.sync.compat import vllm_backend
 
 GLOO_WORKER_EXTENSION = "verl_async.sync.gloo_engine.GlooWorkerExtension"
+# vLLM's IPC engine unpickles the handles it receives (`ipc_handles_pickled`) only with this set. The
+# pickle comes from our own trainer process on the same machine.
+IPC_ENGINE_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
 
 
-def resolve_backend(sync: SyncConfig, device: str) -> str:
-    """`auto` -> nccl on CUDA, gloo on CPU. NCCL needs CUDA on both ends."""
+def resolve_backend(sync: SyncConfig, device: str, shared_gpu: bool = False) -> str:
+    """`auto` -> ipc when trainer and engine share one GPU, nccl when they have GPUs of their own,
+    gloo on CPU. nccl and ipc need CUDA (the config check rejects nccl on a shared GPU and ipc on
+    separate ones)."""
     if sync.backend == "auto":
-        return "nccl" if device == "cuda" else "gloo"
-    check(not (sync.backend == "nccl" and device != "cuda"), "sync.backend", sync.backend,
-          "nccl needs CUDA devices; use `auto` or `gloo` on CPU.")
+        if device != "cuda":
+            return "gloo"
+        return "ipc" if shared_gpu else "nccl"
+    check(not (sync.backend in ("nccl", "ipc") and device != "cuda"), "sync.backend", sync.backend,
+          f"{sync.backend} needs CUDA devices; use `auto` or `gloo` on CPU.")
     return sync.backend
+
+
+def resolved_sync(sync: SyncConfig, device: str, shared_gpu: bool = False) -> SyncConfig:
+    """`sync` with its backend resolved, so every component (engines, trainer, coordinator) agrees."""
+    return dataclasses.replace(sync, backend=resolve_backend(sync, device, shared_gpu))
 
 
 def weight_transfer_kwargs(sync: SyncConfig, device: str) -> dict[str, Any]:
@@ -28,3 +42,8 @@ def weight_transfer_kwargs(sync: SyncConfig, device: str) -> dict[str, Any]:
     if backend == "gloo":
         kwargs["worker_extension_cls"] = GLOO_WORKER_EXTENSION
     return kwargs
+
+
+def engine_env(backend: str) -> dict[str, str]:
+    """Environment variables the engine's processes need for `backend` (resolved)."""
+    return dict(IPC_ENGINE_ENV) if backend == "ipc" else {}

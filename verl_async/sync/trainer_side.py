@@ -1,6 +1,8 @@
 """Trainer side of the weight transfer: rank 0 of the group, sends named tensors in packed buckets.
 
-Built once by trainer rank 0 (`WeightSender`). With FSDP2 every rank must materialize the
+Built once by trainer rank 0 (`WeightSender`). nccl and gloo broadcast to the engines' workers while
+the engines run `update_weights`; ipc (one shared GPU) has no group: the sender itself drives each
+bucket's `update_weights` on the engines (sync/ipc.py). With FSDP2 every rank must materialize the
 full tensors in lockstep (`full_tensor()` is a collective); the iterator handed to `send` is
 where that happens, so its waiting time is reported as `sync/gather_s`.
 """
@@ -8,6 +10,7 @@ where that happens, so its waiting time is reported as `sync/gather_s`.
 import logging
 import time
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
@@ -48,14 +51,24 @@ class WeightSender:
     Construction blocks until every worker has joined (the engines' `init_weight_transfer`
     must run at the same time). `send` must run while the engines run `update_weights`
     with the same tensor list (names, dtypes, shapes, order).
+
+    ipc: `engines` (RolloutServer handles or an ipc.EngineLink) are what `send` loads each bucket
+    into; the address, port and world size are not used.
     """
 
     def __init__(self, backend: str, master_address: str, master_port: int, world_size: int,
-                 timeout_s: float) -> None:
-        if backend not in ("nccl", "gloo"):
-            raise ValueError(f"backend={backend!r}: use nccl or gloo (resolve `auto` with engine_side.resolve_backend)")
+                 timeout_s: float, engines: Any = None) -> None:
+        if backend not in ("nccl", "gloo", "ipc"):
+            raise ValueError(f"backend={backend!r}: use nccl, ipc or gloo (resolve `auto` with "
+                             "engine_side.resolve_backend)")
         self.backend = backend
         self.timeout_s = timeout_s
+        if backend == "ipc":
+            from verl_async.sync.ipc import IpcSender, engine_link
+
+            self._group = IpcSender(engine_link(engines), timeout_s)
+            logger.info("weight sync: CUDA IPC sender on %s (GPU %s)", self._group.device, self._group.uuid)
+            return
         if backend == "nccl":
             self._group = compat.nccl_trainer_group(master_address, master_port, world_size)
         else:
@@ -69,12 +82,15 @@ class WeightSender:
             raise RuntimeError("WeightSender is closed")
         timed = _Timed(named_tensors)
         t0 = time.perf_counter()
-        if self.backend == "nccl":
+        extra: dict[str, float] = {}
+        if self.backend == "ipc":
+            extra = self._group.send(timed, bucket_bytes)
+        elif self.backend == "nccl":
             compat.nccl_send_packed(self._group, timed, bucket_bytes)
         else:
             self._send_gloo(timed, bucket_bytes)
         return {"sync/bytes": float(timed.nbytes), "sync/transfer_s": time.perf_counter() - t0,
-                "sync/gather_s": timed.wait_s}
+                "sync/gather_s": timed.wait_s, **extra}
 
     def _send_gloo(self, named: Iterator[tuple[str, torch.Tensor]], bucket_bytes: int) -> None:
         if gloo.vote(self._group, False, self.timeout_s):
@@ -101,4 +117,6 @@ class WeightSender:
             flush(pending)
 
     def close(self) -> None:
+        if self.backend == "ipc" and self._group is not None:
+            self._group.close()
         self._group = None  # both group kinds release their communicators when collected

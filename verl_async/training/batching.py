@@ -1,10 +1,11 @@
 """Turn TrainRows into model inputs: mini-batches, per-rank shares and token-budget micro-batches.
 
-Text rows are packed: one [1, L] sequence of concatenated rows whose position_ids restart
-at 0 for each row, so HF attention (sdpa, flash) keeps rows apart and no token is padding.
-Rows with multi_modal_inputs use the padded layout instead ([B, L], right padding, an
-attention mask, positions left to the model, e.g. Qwen3-VL's mrope). Pure: no model, no
-process group.
+Two layouts (training/attention.py says which attention each one runs):
+- packed: one [1, L] sequence of concatenated rows, position_ids restarting at 0 for each row
+  and `cu_seq_lens` marking the row boundaries; no token is padding.
+- padded: [B, L] right-padded rows. Text rows need no attention mask (causal attention never
+  looks right); rows with multi_modal_inputs carry one (the model derives mrope positions from it).
+Pure: no model, no process group.
 """
 
 import logging
@@ -23,9 +24,13 @@ class MicroBatch:
     """One forward/backward pass. Invariant: logits_index has one entry per True cell of
     response_mask, in row-major order, so `x[response_mask] = per_token_values` lines up."""
 
+    layout: str  # "packed" or "padded"
     input_ids: torch.Tensor  # [B, L]
-    position_ids: torch.Tensor | None  # [B, L] packed layout; None: the model derives positions
-    attention_mask: torch.Tensor | None  # [B, L] padded layout; None when packed
+    position_ids: torch.Tensor | None  # [1, L] packed layout; None: the model derives positions
+    attention_mask: torch.Tensor | None  # [B, L] padded vision-language rows only
+    cu_seq_lens: torch.Tensor | None  # [R + 1] int32 row boundaries in the packed sequence
+    max_seq_len: int  # longest row (packed: the varlen kernel's max_length)
+    loss_tokens: int  # loss_mask.sum(), counted on the host when the micro-batch is built
     logits_index: torch.Tensor  # [N] positions in the flattened [B * L] input whose logits predict response tokens
     targets: torch.Tensor  # [N] the response tokens
     response_mask: torch.Tensor  # [R, T] bool, R rows, T = longest response
@@ -39,7 +44,7 @@ class MicroBatch:
 
     @property
     def packed(self) -> bool:
-        return self.attention_mask is None
+        return self.layout == "packed"
 
     @property
     def num_tokens(self) -> int:
@@ -51,7 +56,7 @@ class MicroBatch:
             return x.to(device) if isinstance(x, torch.Tensor) else x
 
         return replace(self, **{k: move(getattr(self, k)) for k in (
-            "input_ids", "position_ids", "attention_mask", "logits_index", "targets", "response_mask",
+            "input_ids", "position_ids", "attention_mask", "cu_seq_lens", "logits_index", "targets", "response_mask",
             "rollout_logprobs", "loss_mask", "advantages", "proximal_logprobs", "ref_logprobs")},
             extra_inputs={k: move(v) for k, v in self.extra_inputs.items()})
 
@@ -128,37 +133,38 @@ def build_micro_batch(rows: list[TrainRow], row_ids: list[int], pad_id: int, pad
             raise ValueError(f"TrainRow {i}: response_ids, rollout_logprobs and loss_mask must have the same length, "
                              f"got {len(r.response_ids)}, {len(r.rollout_logprobs)}, {len(r.loss_mask)}.")
     seqs = [r.prompt_ids + r.response_ids for r in picked]
+    lengths = [len(s) for s in seqs]
     width = max((len(r.response_ids) for r in picked), default=0)
-    logits_index: list[int] = []
+    # the logit at position p predicts token p + 1: a row's response logits start one before its response
+    starts = ([b * max(lengths) for b in range(len(seqs))] if padded
+              else torch.tensor([0, *lengths[:-1]]).cumsum(0).tolist())
+    logits_index = [i for s, r in zip(starts, picked, strict=True)
+                    for i in range(s + len(r.prompt_ids) - 1, s + len(r.prompt_ids) - 1 + len(r.response_ids))]
+    position_ids = attention_mask = cu_seq_lens = None
     if padded:
-        length = max(len(s) for s in seqs)
-        input_ids = torch.full((len(seqs), length), pad_id, dtype=torch.long)
-        attention_mask = torch.zeros(len(seqs), length, dtype=torch.long)
-        for b, (s, r) in enumerate(zip(seqs, picked, strict=True)):
+        input_ids = torch.full((len(seqs), max(lengths)), pad_id, dtype=torch.long)
+        for b, s in enumerate(seqs):
             input_ids[b, : len(s)] = torch.tensor(s)
-            attention_mask[b, : len(s)] = 1
-            start = b * length + len(r.prompt_ids) - 1
-            logits_index.extend(range(start, start + len(r.response_ids)))
-        position_ids = None
+        if any(r.multi_modal_inputs for r in picked):
+            attention_mask = (torch.arange(max(lengths))[None] < torch.tensor(lengths)[:, None]).long()
     else:
         input_ids = torch.tensor([tok for s in seqs for tok in s], dtype=torch.long)[None]
-        position_ids = torch.cat([torch.arange(len(s)) for s in seqs])[None]
-        attention_mask = None
-        offset = 0
-        for s, r in zip(seqs, picked, strict=True):
-            start = offset + len(r.prompt_ids) - 1
-            logits_index.extend(range(start, start + len(r.response_ids)))
-            offset += len(s)
-    response_mask = pad_2d([[1.0] * len(r.response_ids) for r in picked], width).bool()
+        position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+        cu_seq_lens = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
+    loss_mask = pad_2d([[float(m) for m in r.loss_mask] for r in picked], width)
     return MicroBatch(
+        layout="padded" if padded else "packed",
         input_ids=input_ids,
         position_ids=position_ids,
         attention_mask=attention_mask,
+        cu_seq_lens=cu_seq_lens,
+        max_seq_len=max(lengths),
+        loss_tokens=int(loss_mask.sum().item()),
         logits_index=torch.tensor(logits_index, dtype=torch.long),
         targets=torch.tensor([t for r in picked for t in r.response_ids], dtype=torch.long),
-        response_mask=response_mask,
+        response_mask=pad_2d([[1.0] * len(r.response_ids) for r in picked], width).bool(),
         rollout_logprobs=pad_2d([r.rollout_logprobs for r in picked], width),
-        loss_mask=pad_2d([[float(m) for m in r.loss_mask] for r in picked], width),
+        loss_mask=loss_mask,
         advantages=torch.tensor([r.advantage for r in picked], dtype=torch.float32),
         row_ids=list(row_ids),
         extra_inputs=collate_extra_inputs(picked),
@@ -183,7 +189,7 @@ def make_micro_batches(rows: list[TrainRow], row_ids: list[int], max_tokens: int
     return [build_micro_batch(rows, ids, pad_id, padded) for ids in plan]
 
 
-def dummy_micro_batch(pad_id: int, like: TrainRow | None = None) -> MicroBatch:
+def dummy_micro_batch(pad_id: int, like: TrainRow | None = None, padded: bool = False) -> MicroBatch:
     """A one-token pass with an empty loss mask. Ranks with fewer micro-batches run these so that
     every rank makes the same number of forward/backward calls (FSDP2 collectives must match).
     `like`: a VL row, copied with its loss masked, so the vision tower's blocks run too."""
@@ -192,4 +198,4 @@ def dummy_micro_batch(pad_id: int, like: TrainRow | None = None) -> MicroBatch:
         return replace(build_micro_batch([row], [0], pad_id, padded=True), row_ids=[])
     row = TrainRow(prompt_ids=[pad_id], response_ids=[pad_id], rollout_logprobs=[0.0], loss_mask=[0],
                    advantage=0.0, policy_versions=[0])
-    return replace(build_micro_batch([row], [0], pad_id, padded=False), row_ids=[])
+    return replace(build_micro_batch([row], [0], pad_id, padded=padded), row_ids=[])

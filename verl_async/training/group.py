@@ -36,21 +36,27 @@ class TrainerGroup:
 
     placement_group: optional Ray placement group; worker i goes to bundle bundle_offset + i.
     temperature: the rollout's sampling temperature (the trainer's log-probs must use the same).
+    gpus_per_worker: the Ray GPU share of each worker on cuda (a fraction when it shares its GPU).
+    shared_gpu: memory.SharedGpuPlan when the GPU is shared with an engine: checked (and the workers'
+    memory capped) before anything is built.
     """
 
     def __init__(self, model_path: str, model: ModelConfig, trainer: TrainerConfig, algorithm: AlgorithmConfig,
                  total_steps: int, device: str, *, temperature: float = 1.0, cpus_per_worker: int = 1,
-                 placement_group: Any = None, bundle_offset: int = 0):
+                 placement_group: Any = None, bundle_offset: int = 0, gpus_per_worker: float = 1.0,
+                 shared_gpu: Any = None):
         n = trainer.num_workers
         actor_cls = ray.remote(TrainerWorker)
         self.workers = []
         for rank in range(n):
-            options: dict[str, Any] = {"num_cpus": cpus_per_worker, "num_gpus": 1 if device == "cuda" else 0}
+            options: dict[str, Any] = {"num_cpus": cpus_per_worker, "num_gpus": gpus_per_worker if device == "cuda" else 0}
             if placement_group is not None:
                 options["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
                     placement_group, placement_group_bundle_index=bundle_offset + rank)
             self.workers.append(actor_cls.options(**options).remote(
                 rank, n, model_path, model, trainer, algorithm, total_steps, device, temperature))
+        if shared_gpu is not None:
+            gather([w.check_gpu_memory.remote(shared_gpu) for w in self.workers])
         address, port = ray.get(self.workers[0].rendezvous_address.remote())
         gather([w.setup.remote(address, port) for w in self.workers])
         self.sender = WeightSenderGroup(self.workers)
@@ -103,14 +109,14 @@ class WeightSenderGroup:
         return ray.get(self.workers[0].tensor_metas.remote())
 
     def init_weight_sender(self, backend: str, master_address: str, master_port: int, world_size: int,
-                           timeout_s: float) -> None:
-        gather([w.init_weight_sender.remote(backend, master_address, master_port, world_size, timeout_s)
+                           timeout_s: float, servers: list | None = None) -> None:
+        gather([w.init_weight_sender.remote(backend, master_address, master_port, world_size, timeout_s, servers)
                 for w in self.workers])
 
     async def init_weight_sender_async(self, backend: str, master_address: str, master_port: int, world_size: int,
-                                       timeout_s: float) -> None:
+                                       timeout_s: float, servers: list | None = None) -> None:
         await asyncio.gather(*[w.init_weight_sender.remote(backend, master_address, master_port, world_size,
-                                                           timeout_s) for w in self.workers])
+                                                           timeout_s, servers) for w in self.workers])
 
     def send_weights(self, bucket_bytes: int) -> dict[str, float]:
         return gather([w.send_weights.remote(bucket_bytes) for w in self.workers])[0]

@@ -3,11 +3,11 @@
 FSDP2 (`fully_shard`, one unit per decoder layer plus the root) is used on GPU (nccl) and
 on CPU (gloo) alike, so both devices run the same code: fp32 master weights, compute in
 model.dtype through FSDP2's MixedPrecisionPolicy. With trainer.fsdp=False the module is
-replicated and the worker all-reduces gradients itself (compute under autocast).
+replicated and the worker all-reduces gradients itself (compute under autocast). The output
+layer is a LogprobHead (training/logprobs.py): the trainer never materialises full logits.
 """
 
 import contextlib
-import importlib.util
 import logging
 import math
 import time
@@ -18,38 +18,41 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from verl_async.config.model import ModelConfig
+from verl_async.training.attention import VARLEN_IMPLEMENTATION, register_varlen_attention
 from verl_async.training.batching import MicroBatch
+from verl_async.training.kernels import fuse_rms_norms
+from verl_async.training.logprobs import LogprobQuery, install_logprob_head
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def attention_backend(device: torch.device) -> str:
-    """flash_attention_2 on GPU when installed (packed rows become varlen attention, cost
-    sum(len^2)); otherwise sdpa, where packed rows get a block-diagonal mask (cost L^2 per
-    micro-batch: keep micro_batch_max_tokens moderate)."""
-    if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None:
-        return "flash_attention_2"
-    return "sdpa"
-
-
 def load_hf_model(model_path: str, cfg: ModelConfig, attn_implementation: str = "sdpa") -> torch.nn.Module:
-    """The HF model in fp32 on CPU. Configs with a vision tower load through the image-text class."""
+    """The HF model in fp32 on CPU, its output layer a LogprobHead. Configs with a vision tower
+    load through the image-text class."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForImageTextToText
 
+    if attn_implementation == VARLEN_IMPLEMENTATION:
+        register_varlen_attention()
     hf_config = AutoConfig.from_pretrained(model_path, trust_remote_code=cfg.trust_remote_code)
     auto = AutoModelForImageTextToText if "vision_config" in hf_config.to_dict() else AutoModelForCausalLM
     model = auto.from_pretrained(model_path, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code,
                                  attn_implementation=attn_implementation)
     model.config.use_cache = False
+    install_logprob_head(model)
     return model
 
 
-def build_model(model_path: str, cfg: ModelConfig, device: torch.device, fsdp: bool, trainable: bool) -> torch.nn.Module:
-    """Load, optionally checkpoint activations, shard (fsdp) or move to `device`.
+def build_model(model_path: str, cfg: ModelConfig, device: torch.device, fsdp: bool, trainable: bool,
+                layout: str = "padded", fused_norms: bool = False) -> torch.nn.Module:
+    """Load, optionally checkpoint activations, shard (fsdp) or move to `device`. `layout`
+    (training/attention.py) picks the attention: varlen for packed rows, sdpa for padded ones;
+    `fused_norms` swaps RMSNorms for torch's fused kernel (training/kernels.py).
     A non-trainable model (the KL reference) is frozen and kept in eval mode."""
-    model = load_hf_model(model_path, cfg, attention_backend(device))
+    model = load_hf_model(model_path, cfg, VARLEN_IMPLEMENTATION if layout == "packed" else "sdpa")
+    if fused_norms:
+        fuse_rms_norms(model)
     if trainable and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
@@ -110,30 +113,27 @@ def token_logprobs(model: torch.nn.Module, mb: MicroBatch, temperature: float, e
 
     logits are divided by the sampling temperature (vLLM's processed_logprobs do the same).
     entropy: "none", "no_grad" (metric only) or "grad" (an entropy bonus is trained on).
+    The model's LogprobHead computes both in chunks from the hidden states.
     """
     kwargs = {"input_ids": mb.input_ids, "use_cache": False, **mb.extra_inputs}
     if "image_grid_thw" in mb.extra_inputs:  # Qwen-VL rows (padded layout: the model derives mrope positions)
         kwargs |= vision_token_inputs(model.config, mb)
     if mb.packed:
-        kwargs |= {"position_ids": mb.position_ids, "logits_to_keep": mb.logits_index}
-    else:
-        kwargs |= {"attention_mask": mb.attention_mask}
+        kwargs |= {"position_ids": mb.position_ids, "cu_seq_lens_q": mb.cu_seq_lens, "cu_seq_lens_k": mb.cu_seq_lens,
+                   "max_length_q": mb.max_seq_len, "max_length_k": mb.max_seq_len}
+    elif mb.attention_mask is not None:
+        kwargs["attention_mask"] = mb.attention_mask
     cast = (torch.autocast(mb.input_ids.device.type, dtype=autocast_dtype) if autocast_dtype is not None
             else contextlib.nullcontext())
-    with cast:
-        logits = model(**kwargs).logits
-    logits = logits[0] if mb.packed else logits.reshape(-1, logits.shape[-1])[mb.logits_index]
-    logits = logits.float()
-    if temperature > 0 and temperature != 1.0:
-        logits = logits / temperature
-    log_probs = torch.log_softmax(logits, dim=-1)
-    picked = log_probs.gather(-1, mb.targets[:, None]).squeeze(-1)
-    out = picked.new_zeros(mb.response_mask.shape)
-    out[mb.response_mask] = picked
+    query = LogprobQuery(index=mb.logits_index, targets=mb.targets, temperature=temperature,
+                         with_entropy=entropy != "none")
+    with cast, model.get_output_embeddings().query(query):
+        per_token = model(**kwargs).logits  # [N, 2]: log-prob, entropy
+    out = per_token.new_zeros(mb.response_mask.shape)
+    out[mb.response_mask] = per_token[:, 0]
     if entropy == "none":
         return out, None
-    with torch.set_grad_enabled(entropy == "grad" and torch.is_grad_enabled()):
-        ent_flat = -(log_probs.exp() * log_probs).sum(-1)
+    ent_flat = per_token[:, 1] if entropy == "grad" and torch.is_grad_enabled() else per_token[:, 1].detach()
     ent = ent_flat.new_zeros(mb.response_mask.shape)
     ent[mb.response_mask] = ent_flat
     return out, ent

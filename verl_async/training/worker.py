@@ -22,7 +22,9 @@ from verl_async.algorithms.losses import loss_normaliser, policy_loss
 from verl_async.config.algorithm import AlgorithmConfig
 from verl_async.config.model import ModelConfig
 from verl_async.config.trainer import TrainerConfig
+from verl_async.data.vision import is_vl_model
 from verl_async.training import checkpoint
+from verl_async.training.attention import resolve_attention
 from verl_async.training.batching import (
     MicroBatch,
     dummy_micro_batch,
@@ -78,6 +80,13 @@ class TrainerWorker:
             s.bind(("", 0))
             return ray.util.get_node_ip_address(), s.getsockname()[1]
 
+    def check_gpu_memory(self, plan: Any) -> dict[str, float]:
+        """Shared GPU, before setup: fail if the trainer will not fit beside the engine, then cap this
+        process's allocator so it never takes the engine's memory (plan: memory.SharedGpuPlan)."""
+        from verl_async.training.memory import guard_shared_gpu
+
+        return guard_shared_gpu(plan)
+
     def setup(self, master_address: str, master_port: int) -> None:
         """Join the process group (nccl on GPU, gloo on CPU), build model, optimizer and schedule."""
         if self.device_type == "cuda":
@@ -94,20 +103,23 @@ class TrainerWorker:
         random.seed(seed)
         np.random.seed(seed)
 
-        self.model = build_model(self.model_path, self.model_cfg, self.device, self.cfg.fsdp, trainable=True)
-        self.ref_model = (build_model(self.model_path, self.model_cfg, self.device, self.cfg.fsdp, trainable=False)
-                          if self.algo.kl_coef > 0 else None)
+        compute = DTYPES[self.model_cfg.dtype]
+        self.layout = resolve_attention(self.cfg.attention, self.device, compute, vision=is_vl_model(self.model_path))
+        build = {"layout": self.layout, "fused_norms": self.cfg.fused_norms}
+        self.model = build_model(self.model_path, self.model_cfg, self.device, self.cfg.fsdp, trainable=True, **build)
+        self.ref_model = (build_model(self.model_path, self.model_cfg, self.device, self.cfg.fsdp, trainable=False,
+                                      **build) if self.algo.kl_coef > 0 else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
                                            weight_decay=self.cfg.weight_decay)
         self.scheduler = make_scheduler(self.optimizer, self.cfg.warmup_steps, self.total_steps, self.cfg.lr_schedule)
-        compute = DTYPES[self.model_cfg.dtype]
         self.autocast = compute if (not self.cfg.fsdp and compute != torch.float32) else None
         hf = self.model.config.get_text_config()  # a VL config keeps its token ids in the text config
         pad = getattr(hf, "pad_token_id", None)  # transformers 5 configs only have the ids they declare
         self.pad_id = pad if pad is not None else (getattr(hf, "eos_token_id", None) or 0)
-        logger.info("trainer rank %d/%d ready on %s (fsdp=%s, dtype=%s, reference model=%s)", self.rank,
-                    self.world_size, self.device, self.cfg.fsdp, self.model_cfg.dtype, self.ref_model is not None)
+        logger.info("trainer rank %d/%d ready on %s (fsdp=%s, dtype=%s, %s rows, reference model=%s)", self.rank,
+                    self.world_size, self.device, self.cfg.fsdp, self.model_cfg.dtype, self.layout,
+                    self.ref_model is not None)
 
     def state(self) -> dict[str, int]:
         return {"step": self.step, "policy_version": self.policy_version}
@@ -161,47 +173,54 @@ class TrainerWorker:
         return TrainMetrics(step=batch.step, metrics=metrics)
 
     def _update(self, plan: list[MicroBatch], normaliser: int) -> tuple[float, float, dict[str, float]]:
-        """One optimizer update over this rank's micro-batches of one mini-batch."""
+        """One optimizer update over this rank's micro-batches of one mini-batch. Metrics stay on
+        the device until the update is done: one host sync per update, not several per micro-batch."""
         self.optimizer.zero_grad(set_to_none=True)
         entropy = "grad" if self.algo.entropy_coef != 0 else "no_grad"
-        loss_sum, weight, is_max = 0.0, 0.0, 0.0
-        sums = dict.fromkeys(MEAN_METRICS, 0.0)
+        acc = torch.zeros(len(MEAN_METRICS) + 2, dtype=torch.float64, device=self.device)  # sums, loss, is_max
+        weight = 0.0
         for mb in plan:
             logp, ent = token_logprobs(self.model, mb, self.temperature, entropy, self.autocast)
+            # One update per batch: the proximal policy is the current one (no extra forward pass).
+            proximal = mb.proximal_logprobs if mb.proximal_logprobs is not None else logp.detach()
             loss, metrics = policy_loss(logp, mb.rollout_logprobs, mb.advantages, mb.loss_mask, self.algo,
-                                        proximal_logprobs=mb.proximal_logprobs, ref_logprobs=mb.ref_logprobs,
+                                        proximal_logprobs=proximal, ref_logprobs=mb.ref_logprobs,
                                         entropy=ent, normaliser=normaliser)
             # Gradients are averaged over ranks (FSDP2 reduce-scatter, or _all_reduce_grads), while each
             # rank's loss is its part of a sum over the whole mini-batch: scale back up by world_size.
             (loss * self.world_size).backward()
-            loss_sum += loss.item()
-            n = float(mb.loss_mask.sum().item())
+            n = float(mb.loss_tokens)
             weight += n
-            for k in MEAN_METRICS:
-                sums[k] += metrics[k].item() * n
-            if n > 0:
-                is_max = max(is_max, metrics["train/is_ratio_max"].item())
+            with torch.no_grad():
+                acc[: len(MEAN_METRICS)] += torch.stack([metrics[k] for k in MEAN_METRICS]).double() * n
+                acc[-2] += loss.detach().double()
+                if n > 0:
+                    acc[-1] = torch.maximum(acc[-1], metrics["train/is_ratio_max"].double())
         if not self.cfg.fsdp and self.world_size > 1:
             self._all_reduce_grads()
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
-        grad_norm = float((grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item())
+        grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
+        values = torch.cat([acc, grad_norm.detach().double().reshape(1)]).tolist()  # the update's one host sync
+        grad_norm = values[-1]
         if np.isfinite(grad_norm):
             self.optimizer.step()
         else:
             logger.warning("step %d: non-finite grad norm %s, update skipped", self.step, grad_norm)
-        return loss_sum, grad_norm, sums | {"weight": weight, "train/is_ratio_max": is_max}
+        sums = dict(zip(MEAN_METRICS, values[: len(MEAN_METRICS)], strict=True))
+        return values[-3], grad_norm, sums | {"weight": weight, "train/is_ratio_max": values[-2]}
 
     def _rank_micro_batches(self, rows: list[TrainRow], row_ids: list[int]) -> list[MicroBatch]:
         """This rank's micro-batches of rows[row_ids], padded with dummy passes to the largest rank's count."""
         lengths = [row_length(r) for r in rows]
-        padded = uses_padded_layout(rows, row_ids)
+        vision = uses_padded_layout(rows, row_ids)
+        padded = vision or self.layout == "padded"
         shards = shard_rows(row_ids, lengths, self.world_size)
         budget = self.cfg.micro_batch_max_tokens
         most = max(len(plan_micro_batches(s, lengths, budget, padded)) for s in shards)
         mbs = make_micro_batches(rows, shards[self.rank], budget, self.pad_id, padded)
-        like = rows[row_ids[0]] if padded else None  # VL: padding passes run the vision tower too
-        mbs += [dummy_micro_batch(self.pad_id, like) for _ in range(most - len(mbs))]
+        like = rows[row_ids[0]] if vision else None  # VL: padding passes run the vision tower too
+        mbs += [dummy_micro_batch(self.pad_id, like, padded) for _ in range(most - len(mbs))]
         return [mb.to(self.device) for mb in mbs]
 
     def _normaliser(self, rows: list[TrainRow], row_ids: list[int]) -> int:
@@ -211,13 +230,15 @@ class TrainerWorker:
 
     @torch.no_grad()
     def _fill_logprobs(self, mbs: list[MicroBatch]) -> None:
-        """Before any update: proximal log-probs and reference log-probs (kl_coef > 0).
+        """Before any update: proximal log-probs (several updates per step) and reference log-probs
+        (kl_coef > 0).
 
-        decoupled_ppo trains against the proximal log-probs. ppo does not, but when a step makes
-        several updates they are still computed so that train/mismatch_kl compares the rollout
-        with the pre-update weights on every token (one update: the training pass is pre-update)."""
+        With one update per step the training pass itself runs on the pre-update weights, so its
+        detached log-probs are the proximal ones (and what train/mismatch_kl compares with the
+        rollout): no extra forward pass. With several updates, decoupled_ppo needs the proximal
+        log-probs fixed before the first update, and ppo takes them for train/mismatch_kl."""
         updates = self.cfg.ppo_epochs * self.cfg.mini_batches
-        if self.algo.policy_loss == "decoupled_ppo" or updates > 1:
+        if updates > 1:
             self.model.eval()
             for mb in mbs:
                 mb.proximal_logprobs, _ = token_logprobs(self.model, mb, self.temperature, "none", self.autocast)
@@ -270,12 +291,13 @@ class TrainerWorker:
         return full_tensors(self.model, DTYPES[self.model_cfg.dtype], self.rank, include_frozen=False, timer=timer)
 
     def init_weight_sender(self, backend: str, master_address: str, master_port: int, world_size: int,
-                           timeout_s: float) -> None:
-        """Rank 0 joins the transfer group with the engines; other ranks only help gather."""
+                           timeout_s: float, servers: list | None = None) -> None:
+        """Rank 0 joins the transfer group with the engines; other ranks only help gather.
+        ipc: no group; `servers` (RolloutServer handles) are what rank 0 loads each bucket into."""
         if self.rank == 0:
             from verl_async.sync.trainer_side import WeightSender
 
-            self._sender = WeightSender(backend, master_address, master_port, world_size, timeout_s)
+            self._sender = WeightSender(backend, master_address, master_port, world_size, timeout_s, engines=servers)
 
     def send_weights(self, bucket_bytes: int) -> dict[str, float]:
         """Gather the full weights (all ranks) and send them (rank 0) to the engines."""
