@@ -23,6 +23,7 @@ from verl_async.pipeline.batch import build_train_batch, split_by_staleness
 from verl_async.rollout.multi_turn import EpisodeEnd, MultiTurnWorkflow
 from verl_async.rollout.sampling import clamp_max_tokens
 from verl_async.rollout.turn_format import TurnFormat
+from verl_async.training.batching import make_micro_batches
 from verl_async.types import EnginePrompt, FinishReason, Generation, Group, PromptRow, Sample
 
 EOS = 2  # <|im_end|> of the tiny tokenizer
@@ -214,6 +215,12 @@ def test_episode_rows_reach_the_trainer_with_their_masks():
     assert stats.truncated_frac == 0.5
     masked, _ = build_train_batch(groups, step=0, trainer_version=0, advantage="grpo", mask_truncated=True)
     assert [r.loss_mask for r in masked.rows] == [[1, 1, 0, 0, 1], [0, 0, 0]]
+    # the trainer's packed layout keeps every token in place: environment tokens are inputs and
+    # targets like any other, only their loss mask is 0
+    (mb,) = make_micro_batches(batch.rows, [0, 1], max_tokens=64, pad_id=0)
+    assert mb.targets.tolist() == done.response_ids + cut.response_ids
+    assert mb.input_ids[0].tolist() == [1, 2, *done.response_ids, 1, 2, *cut.response_ids]
+    assert mb.loss_mask.tolist() == [[1, 1, 0, 0, 1], [1, 0, 1, 0, 0]] and mb.loss_tokens == 5
 
 
 # ---- the registry and the built-in environments -----------------------------------------------
