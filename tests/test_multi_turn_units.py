@@ -179,10 +179,16 @@ class _BrokenEnv:
 @pytest.mark.parametrize("env", [
     _BrokenEnv("start"), _BrokenEnv("step"), _BrokenEnv("value", EnvStep(reward=math.nan)),
     _BrokenEnv("value", EnvStep(observation=[1, -3])), _BrokenEnv("value", {"done": True}),
-    _BrokenEnv("value", EnvStep(reward="high")),
-], ids=["start-raises", "step-raises", "nan-reward", "bad-ids", "not-an-envstep", "reward-not-a-number"])
+    _BrokenEnv("value", EnvStep(reward="high")), None,
+], ids=["start-raises", "step-raises", "nan-reward", "bad-ids", "not-an-envstep", "reward-not-a-number",
+        "constructor-raises"])
 def test_a_failing_environment_fails_only_its_episode(tokenizer, env):
-    wf = workflow(tokenizer, CountingManager(), lambda: env)
+    def make():
+        if env is None:
+            raise OSError("sandbox unavailable")
+        return env
+
+    wf = workflow(tokenizer, CountingManager(), make)
     ep = run(wf, [100])
     assert ep.end == EpisodeEnd.ENV_ERROR and ep.generation.finish_reason == FinishReason.ERROR
     metrics = wf.pop_metrics()
@@ -253,6 +259,11 @@ def test_relative_file_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert EnvConfig(name="envs/mine.py:Env").name == f"{tmp_path}/envs/mine.py:Env"
     assert EnvConfig(name="calculator").name == "calculator"
+
+
+def test_startup_check_makes_one_environment():
+    with pytest.raises(ValueError, match="constructor raised ValueError"):
+        check_env_at_startup(EnvConfig(name="calculator", args={"max_calls": -1}), "/nonexistent")
 
 
 def test_startup_check_rejects_vl_models(tmp_path):

@@ -2,7 +2,9 @@
 
 `resolve_env` is called at start-up (before any engine starts) and again in the rollouter: a
 wrong name, a class without async `start`/`step`, or `data.env.args` that its constructor does
-not take fail at once with how to fix them.
+not take fail at once with how to fix them. At start-up one instance is also made, so a bad
+argument value fails there too: constructors must be cheap (one instance per episode); put
+heavy set-up in `start`.
 """
 
 import functools
@@ -51,7 +53,12 @@ def check_env_at_startup(env: EnvConfig, model_path: str) -> None:
         return
     from verl_async.data.vision import is_vl_model
 
-    resolve_env(env)
+    make_env = resolve_env(env)
+    try:
+        make_env()
+    except Exception as e:  # user code: report what it raised, with the key to fix
+        raise ValueError(f"data.env.name={env.name!r} with data.env.args={env.args!r}: the constructor raised "
+                         f"{type(e).__name__}: {e}") from e
     if is_vl_model(model_path):
         raise ValueError(f"data.env.name={env.name!r}: multi-turn environments run on text models only "
                          "for now; use a text model or unset data.env.name.")

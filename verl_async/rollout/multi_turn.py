@@ -133,9 +133,10 @@ class MultiTurnWorkflow:
 
     async def run_episode(self, row: PromptRow, request_id: str, prompt: EnginePrompt,
                           affinity_key: str | None = None) -> Episode:
-        trace, env = _Trace(prompt_ids=list(prompt.prompt_ids)), self.make_env()
+        trace = _Trace(prompt_ids=list(prompt.prompt_ids))
         env_reward, answer, end, reason = 0.0, None, EpisodeEnd.MAX_TURNS, FinishReason.LENGTH
         try:
+            env = _make_env(self.make_env)
             await _call_env(env.start(row), "start")
             for index in range(self.env.max_turns):
                 gen = await self._generate(row, f"{request_id}/t{index}", trace, affinity_key)
@@ -202,6 +203,13 @@ class MultiTurnWorkflow:
         out["rollout/env_tokens"] = float(self._env_tokens)
         self._turns, self._env_tokens = [], 0
         return out
+
+
+def _make_env(make_env: EnvFactory):
+    try:
+        return make_env()
+    except Exception as e:  # the environment is user code: its failure fails one episode, counted
+        raise EnvError(f"the environment's constructor raised {type(e).__name__}: {e}") from e
 
 
 async def _call_env(call, what: str):
