@@ -63,6 +63,7 @@ def test_every_recipe_composes(recipe):
     ("rollout.kv_cache_memory_bytes=0", "rollout.kv_cache_memory_bytes", "set it on CPU"),
     ("rollout.n=1", "rollout.n", "rollout.n >= 2"),
     ("sync.bucket_bytes=10", "sync.bucket_bytes", "1 MiB"),
+    ("data.env.max_turns=0", "data.env.max_turns", "at least 1 turn"),
 ])
 def test_bad_values_fail_with_key_and_fix(override, key, hint):
     with pytest.raises(ConfigError) as e:

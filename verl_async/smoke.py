@@ -17,6 +17,8 @@ def run_smoke(job: JobConfig, device: str, num_prompts: int = 4) -> dict[str, fl
     from verl_async.rewards import resolve_reward
 
     path = resolve_model_path(job.model.path, job.model.assets_dir)
+    if job.data.env.enabled:
+        logger.info("smoke: one model turn per prompt; the environment %s is not run", job.data.env.name)
     tok = AutoTokenizer.from_pretrained(path)
     source = make_source(job.data)
     reward_fn = resolve_reward(job.data.reward_fn)

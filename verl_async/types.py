@@ -42,8 +42,9 @@ class EnginePrompt:
 
 @dataclass
 class Generation:
-    """One finished engine request. Invariant: len(response_ids) == len(logprobs)
-    == len(policy_versions); policy_versions is non-decreasing."""
+    """One finished engine request, or one multi-turn episode (rollout/multi_turn.py). Invariant:
+    len(response_ids) == len(logprobs) == len(policy_versions) (== len(loss_mask) when set);
+    policy_versions is non-decreasing."""
 
     request_id: str
     prompt_ids: list[int]
@@ -54,6 +55,18 @@ class Generation:
     num_preemptions: int = 0
     num_cached_prompt_tokens: int = 0
     server_index: int = 0
+    loss_mask: list[int] | None = None  # multi-turn: 0 on tokens the environment inserted; None: all 1
+
+    @property
+    def model_policy_versions(self) -> list[int]:
+        """The policy_version of each token the model produced (environment tokens left out)."""
+        if self.loss_mask is None:
+            return self.policy_versions
+        return [v for v, m in zip(self.policy_versions, self.loss_mask, strict=True) if m]
+
+    @property
+    def num_model_tokens(self) -> int:
+        return len(self.response_ids) if self.loss_mask is None else sum(self.loss_mask)
 
 
 @dataclass
@@ -88,8 +101,8 @@ class Group:
 
     @property
     def min_policy_version(self) -> int:
-        """The oldest weights any token of this group came from."""
-        return min((min(s.generation.policy_versions, default=0) for s in self.samples), default=0)
+        """The oldest weights any model token of this group came from."""
+        return min((min(s.generation.model_policy_versions, default=0) for s in self.samples), default=0)
 
 
 @dataclass
@@ -100,7 +113,7 @@ class TrainRow:
     prompt_ids: list[int]
     response_ids: list[int]
     rollout_logprobs: list[float]
-    loss_mask: list[int]  # 1 = trained on, 0 = ignored (e.g. tokens over the staleness bound)
+    loss_mask: list[int]  # 1 = trained on, 0 = ignored (environment tokens of a multi-turn episode, masked truncations)
     advantage: float
     policy_versions: list[int]
     multi_modal_inputs: dict[str, Any] | None = None  # processor outputs, e.g. pixel_values, image_grid_thw

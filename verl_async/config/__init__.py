@@ -11,6 +11,7 @@ from verl_async.config._check import ConfigError, check
 from verl_async.config.algorithm import AlgorithmConfig
 from verl_async.config.cluster import ClusterConfig
 from verl_async.config.data import DataConfig
+from verl_async.config.env import EnvConfig
 from verl_async.config.logging import LoggingConfig
 from verl_async.config.model import ModelConfig
 from verl_async.config.pipeline import PipelineConfig
@@ -19,7 +20,7 @@ from verl_async.config.sync import SyncConfig
 from verl_async.config.trainer import TrainerConfig
 
 __all__ = [
-    "AlgorithmConfig", "ClusterConfig", "ConfigError", "DataConfig", "JobConfig", "LoggingConfig",
+    "AlgorithmConfig", "ClusterConfig", "ConfigError", "DataConfig", "EnvConfig", "JobConfig", "LoggingConfig",
     "ModelConfig", "PipelineConfig", "RolloutConfig", "SyncConfig", "TrainerConfig",
     "register", "to_job_config",
 ]

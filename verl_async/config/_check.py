@@ -16,3 +16,14 @@ def check(ok: bool, key: str, value: object, fix: str) -> None:
 def check_choice(key: str, value: str, choices: Iterable[str]) -> None:
     choices = tuple(choices)
     check(value in choices, key, value, f"choose one of {', '.join(choices)}.")
+
+
+def absolute_spec(spec: str) -> str:
+    """`path/to/file.py:name` with the path made absolute (Ray actors may run in another folder);
+    any other spec (a registry name, `package.module:name`) is returned as is."""
+    import os
+
+    module_part, sep, attr = spec.rpartition(":")
+    if sep and module_part.endswith(".py"):
+        return f"{os.path.abspath(os.path.expanduser(module_part))}:{attr}"
+    return spec

@@ -2,7 +2,8 @@
 
 from dataclasses import dataclass, field
 
-from verl_async.config._check import check
+from verl_async.config._check import absolute_spec, check
+from verl_async.config.env import EnvConfig
 
 
 @dataclass
@@ -14,7 +15,9 @@ class DataConfig:
     num_generated_prompts: int = 2048
     """How many prompts the generated task makes."""
     reward_fn: str = "digits"
-    """Reward: a registry name (verl_async/rewards) or an import path `package.module:function`."""
+    """Reward: a registry name (verl_async/rewards), an import path `package.module:function` or a file
+    `path/to/file.py:function`. With `env`, it scores the last model turn of an episode the environment
+    ended (added to the environment's rewards); `none` leaves the scoring to the environment."""
     max_prompt_length: int = 512
     """Prompts longer than this (in tokens, vision tokens included) are rejected and counted."""
     max_images_per_prompt: int = 1
@@ -23,8 +26,11 @@ class DataConfig:
     """Shuffle the rows each epoch (seeded)."""
     seed: int = 0
     """Seed for shuffling and for the generated task."""
+    env: EnvConfig = field(default_factory=EnvConfig)
+    """Multi-turn rollouts: the environment and episode budgets (verl_async/config/env.py). Off by default."""
 
     def __post_init__(self) -> None:
+        self.reward_fn = absolute_spec(self.reward_fn)
         check(self.num_generated_prompts > 0, "data.num_generated_prompts", self.num_generated_prompts, "use a positive count.")
         check(self.max_prompt_length > 0, "data.max_prompt_length", self.max_prompt_length, "use a positive token count.")
         check(self.max_images_per_prompt >= 0, "data.max_images_per_prompt", self.max_images_per_prompt, "use 0 or more.")

@@ -3,11 +3,13 @@
 digits: "answer with digits only"; the reward is the share of digit characters in the
 answer, so a random model starts near the vocabulary's digit share and RL moves it up.
 colours (VL): name the colour of a solid image; needs a VL model (e.g. model.path=tiny-vl).
+calculator (multi-turn): add two numbers with a calculator tool (verl_async/envs/calculator.py).
 """
 
 import random
 from collections.abc import Callable
 
+from verl_async.envs.calculator import calculator_task
 from verl_async.types import PromptRow
 
 _TOPICS = ["apples", "birds", "chairs", "stars", "boats", "trees", "cups", "books", "coins", "doors"]
@@ -63,7 +65,8 @@ def colours_task(num_prompts: int, seed: int) -> list[PromptRow]:
 
 
 TASKS: dict[str, Callable[[int, int], list[PromptRow]]] = {
-    "digits": digits_task, "digits_longtail": digits_longtail_task, "colours": colours_task}
+    "digits": digits_task, "digits_longtail": digits_longtail_task, "colours": colours_task,
+    "calculator": calculator_task}
 
 
 def generate_task(name: str, num_prompts: int, seed: int) -> list[PromptRow]:

@@ -27,7 +27,8 @@ def split_by_staleness(groups: list[Group], trainer_version: int, max_staleness:
 def build_train_batch(groups: list[Group], step: int, trainer_version: int, advantage: str,
                       mask_truncated: bool = False) -> tuple[TrainBatch, BatchStats]:
     """One row per sample with its group-normalised advantage. A truncated sample (finish
-    reason `length`) is trained with its reward, or fully masked when `mask_truncated`."""
+    reason `length`) is trained with its reward, or fully masked when `mask_truncated`.
+    Environment tokens of a multi-turn episode keep loss mask 0; lags count model tokens only."""
     advantages = compute_advantages([g.rewards for g in groups], method=advantage)
     rows, lags, truncated = [], [], 0
     for group, group_adv in zip(groups, advantages, strict=True):
@@ -38,12 +39,13 @@ def build_train_batch(groups: list[Group], step: int, trainer_version: int, adva
             is_truncated = gen.finish_reason == FinishReason.LENGTH
             truncated += is_truncated
             keep = 0 if (is_truncated and mask_truncated) else 1
+            mask = gen.loss_mask if gen.loss_mask is not None else [1] * len(gen.response_ids)
             rows.append(TrainRow(
                 prompt_ids=gen.prompt_ids, response_ids=gen.response_ids, rollout_logprobs=gen.logprobs,
-                loss_mask=[keep] * len(gen.response_ids), advantage=adv, policy_versions=gen.policy_versions,
+                loss_mask=[keep * m for m in mask], advantage=adv, policy_versions=gen.policy_versions,
                 multi_modal_inputs=sample.multi_modal_data,
             ))
-            lags += [version_lag(trainer_version, v) for v in gen.policy_versions]
+            lags += [version_lag(trainer_version, v) for v in gen.model_policy_versions]
     stats = BatchStats(max_lag=max(lags, default=0), mean_lag=sum(lags) / max(len(lags), 1),
                        truncated_frac=truncated / max(len(rows), 1))
     return TrainBatch(rows=rows, step=step, policy_version=trainer_version), stats

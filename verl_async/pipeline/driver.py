@@ -100,8 +100,10 @@ async def finish(job: JobConfig, r: Roles, report: Reporter) -> dict[str, float]
 
 def run_pipeline(job: JobConfig, device: str) -> dict[str, float]:
     from verl_async.assets.build import resolve_model_path
+    from verl_async.envs import check_env_at_startup
 
     model_path = resolve_model_path(job.model.path, job.model.assets_dir)
+    check_env_at_startup(job.data.env, model_path)  # a wrong environment fails before any engine starts
     init_ray(job, device)
     roles = launch(job, device, model_path)
     start = (checkpoint.restore(roles.trainer, job.output_dir) if job.resume else None) or checkpoint.ResumeState()

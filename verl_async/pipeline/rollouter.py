@@ -1,7 +1,8 @@
 """The rollouter (a Ray actor; plain class here): prompts -> scored groups -> sample queue.
 
 It runs one producer loop: take a prompt, expand it into `rollout.n` requests on one server
-(prefix caching), score the finished samples off the event loop, drop zero-variance groups
+(prefix caching) or, with `data.env`, into `rollout.n` multi-turn episodes (rollout/multi_turn.py),
+score the finished samples off the event loop, drop zero-variance groups
 (dynamic sampling, counted), and put the group into the queue. Admission control
 (pipeline/staleness.py) decides when a new group may start.
 """
@@ -66,6 +67,13 @@ class Rollouter:
         self.source = make_source(data, position, self.load_report)
         self.image_errors = 0  # rows whose images failed when their prompt was built (counted as rejected)
         self.reward_fn = resolve_reward(data.reward_fn)
+        self.episodes = None  # with data.env: the multi-turn workflow that runs each sample as an episode
+        if data.env.enabled:
+            from verl_async.envs import resolve_env
+            from verl_async.rollout.multi_turn import MultiTurnWorkflow
+
+            self.episodes = MultiTurnWorkflow(data.env, resolve_env(data.env), self.manager, self.tokenizer,
+                                              rollout.response_length)
         self.queue = queue
         self.engine_version = engine_version
         self.resumed_step = engine_version  # a fresh run starts at 0; a resumed one at its checkpoint's step
@@ -144,11 +152,16 @@ class Rollouter:
             prompt, mm_inputs = self.encoder.encode(row)
             budget = row.extra_info.get("max_tokens")  # a row may carry its own budget (still clamped)
             stops = self.encoder.stop_token_ids
-            gens = await asyncio.gather(*[
-                self.manager.generate(row.prompt_id, f"{group_id}/{i}", prompt, max_tokens=budget,
-                                      sampling={"stop_token_ids": stops} if stops else None, affinity_key=group_id)
-                for i in range(self.rollout.n)])
-            await self._deliver(row, group_id, gens, mm_inputs)
+            episodes = None
+            if self.episodes is not None:
+                episodes = await self.episodes.run_group(row, group_id, prompt, self.rollout.n)
+                gens = [e.generation for e in episodes]
+            else:
+                gens = await asyncio.gather(*[
+                    self.manager.generate(row.prompt_id, f"{group_id}/{i}", prompt, max_tokens=budget,
+                                          sampling={"stop_token_ids": stops} if stops else None, affinity_key=group_id)
+                    for i in range(self.rollout.n)])
+            await self._deliver(row, group_id, gens, mm_inputs, episodes)
         except PromptTooLongError:
             self.counts.rejected += 1  # counted and logged by the manager with the prompt id
         except ImageError as e:  # a missing or unreadable image: skipped and counted, never sent image-less
@@ -166,19 +179,27 @@ class Rollouter:
             self._mark_idle_if_empty()
             self._wake.set()
 
-    async def _deliver(self, row: PromptRow, group_id: str, gens: list[Generation], mm_inputs: dict) -> None:
+    async def _deliver(self, row: PromptRow, group_id: str, gens: list[Generation], mm_inputs: dict,
+                       episodes: list | None = None) -> None:
+        """Score and queue a group. Multi-turn `episodes`: data.reward_fn scores the final answer of an
+        episode the environment ended (none for a truncated one), plus the environment's rewards."""
         if self._stopped:
             return  # aborted by stop(): reported as in flight at the end
         if any(g.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH) for g in gens):
             self.counts.failed += 1
             logger.warning("group %s has aborted/failed requests: not trained on", group_id)
             return
-        texts = [self.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
+        if episodes is None:
+            texts = [self.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
+            extra = [0.0] * len(gens)
+        else:
+            texts, extra = [e.answer for e in episodes], [e.env_reward for e in episodes]
         rewards = await asyncio.to_thread(
-            lambda: [float(self.reward_fn(t, row.ground_truth, row.extra_info)) for t in texts])
+            lambda: [(float(self.reward_fn(t, row.ground_truth, row.extra_info)) if t is not None else 0.0) + x
+                     for t, x in zip(texts, extra, strict=True)])
         self._window.rewards += rewards
         self._window.response_lens += [len(g.response_ids) for g in gens]
-        self._window.tokens += sum(len(g.response_ids) for g in gens)
+        self._window.tokens += sum(g.num_model_tokens for g in gens)
         if self.algorithm.drop_zero_variance_groups and is_zero_variance(rewards):
             self.counts.filtered += 1
             return
@@ -222,6 +243,8 @@ class Rollouter:
             "data/rows_skipped": float(sum(self.load_report.skipped.values())),
         }
         out |= await self.manager.stats()
+        if self.episodes is not None:
+            out |= self.episodes.pop_metrics()
         self._window = _Window()
         if self._idle_since is not None:
             self._idle_since = now
