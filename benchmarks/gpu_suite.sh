@@ -8,7 +8,8 @@
 # Each stage writes <stage>.log and its JSON into $RESULTS; progress.txt says where it is.
 set -u
 RESULTS=${RESULTS:-/root/results}
-STAGES=${STAGES:-"trainer parity sync pipeline onegpu trainer_nockpt"}
+# 2026-12-03 lease: trainer, parity, sync and the 0.6B pipeline scenarios ran; what is left runs first.
+STAGES=${STAGES:-"onegpu pipeline17 trainer_nockpt trainer_4b_nockpt trainer parity sync pipeline"}
 mkdir -p "$RESULTS"
 export PATH=~/gpusite/bin:$PATH PYTHONPATH=~/gpusite:$PWD PYTHONUNBUFFERED=1 VLLM_USE_FLASHINFER_SAMPLER=0 \
        NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OUT="$RESULTS"
@@ -39,6 +40,11 @@ for s in $STAGES; do
             --eager --tokens 256 --warm-s 0.3 ;;
     pipeline)  # issue 11: the pipeline on one GPU, 0.6B/1.7B, digits/long-tail, partial vs sync (~8 min)
         stage pipeline 570 python3 benchmarks/pipeline_gpu.py --steps 6 ;;
+    pipeline17)  # issue 11: the 1.7B scenarios (about 3 min each with start-up)
+        stage pipeline17 420 python3 benchmarks/pipeline_gpu.py --steps 6 --scenarios q17_digits_pr,q17_longtail_pr ;;
+    trainer_4b_nockpt)  # issue 10: MFU at 4B without recomputation (8k-token micro-batches fit)
+        stage trainer_4b_nockpt 200 python3 benchmarks/trainer_throughput.py --shapes 4B --lengths fixed,longtail \
+            --checkpointing 0 --micro-batch-tokens 8192 --skip-hf --tag _4b_nockpt ;;
     onegpu)  # issue 11: every pipeline mode on one GPU, IPC conservation with many buckets, memory check (~3 min)
         stage onegpu 300 python3 -m pytest -q -s -p no:cacheprovider tests/test_one_gpu_gpu.py ;;
     trainer_nockpt)  # issue 10: both implementations without activation checkpointing where it fits (~1.5 min)
