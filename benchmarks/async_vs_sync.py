@@ -41,8 +41,8 @@ def run_mode(mode: str, steps: int, out: Path, extra: list[str]) -> dict:
     loop_s = sum(r["perf/step_s"] for r in steps_)
     tokens = sum(r["rollout/tokens"] for r in steps_)
     return {"mode": mode, "wall_s": round(wall, 2), "loop_s": round(loop_s, 2),
-            "tokens_per_s": round(tokens / loop_s, 1), "reward_first": steps_[0]["rollout/reward_mean"],
-            "reward_last": steps_[-1]["rollout/reward_mean"],
+            "tokens_per_s": round(tokens / loop_s, 1), "reward_first": steps_[0]["train/reward_mean"],
+            "reward_last": steps_[-1]["train/reward_mean"],  # the trained batch's (defined every step)
             "trainer_idle_ratio": round(sum(r["perf/trainer_idle_ratio"] for r in steps_) / len(steps_), 3),
             "staleness_max": final["staleness/max"]}
 

@@ -137,7 +137,9 @@ def run_scenario(sc: Scenario, args) -> dict:
 
 
 def _mean(values: list[float]) -> float:
-    return float(statistics.fmean(values)) if values else float("nan")
+    """Mean of the finite values (a rollout-window metric is nan in a step where no group finished)."""
+    finite = [v for v in values if v == v]
+    return float(statistics.fmean(finite)) if finite else float("nan")
 
 
 def summarize(sc: Scenario, job, steps: list[dict], final: dict, wall: float) -> dict:
@@ -164,7 +166,7 @@ def summarize(sc: Scenario, job, steps: list[dict], final: dict, wall: float) ->
         "syncs": int(final.get("sync/count", 0)),
         "staleness_max": max(r["staleness/max"] for r in steps), "staleness_mean": round(_mean(
             [r["staleness/mean"] for r in steps]), 3),
-        "reward_first": steps[0]["rollout/reward_mean"], "reward_last": steps[-1]["rollout/reward_mean"],
+        "reward_first": steps[0]["train/reward_mean"], "reward_last": steps[-1]["train/reward_mean"],
         "reward_first_third": round(_mean([r["rollout/reward_mean"] for r in steps[:third]]), 4),
         "reward_last_third": round(_mean([r["rollout/reward_mean"] for r in steps[-third:]]), 4),
         "response_len_mean": round(_mean([r["rollout/response_len_mean"] for r in timed]), 1),

@@ -14,6 +14,7 @@ class BatchStats:
     max_lag: int
     mean_lag: float
     truncated_frac: float
+    reward_mean: float  # over the trained samples (defined every step, unlike the rollout window's)
 
 
 def split_by_staleness(groups: list[Group], trainer_version: int, max_staleness: int) -> tuple[list[Group], list[Group]]:
@@ -47,5 +48,6 @@ def build_train_batch(groups: list[Group], step: int, trainer_version: int, adva
             ))
             lags += [version_lag(trainer_version, v) for v in gen.model_policy_versions]
     stats = BatchStats(max_lag=max(lags, default=0), mean_lag=sum(lags) / max(len(lags), 1),
-                       truncated_frac=truncated / max(len(rows), 1))
+                       truncated_frac=truncated / max(len(rows), 1),
+                       reward_mean=sum(r for g in groups for r in g.rewards) / max(len(rows), 1))
     return TrainBatch(rows=rows, step=step, policy_version=trainer_version), stats

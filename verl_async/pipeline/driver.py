@@ -43,7 +43,7 @@ async def train_loop(job: JobConfig, r: Roles, report: Reporter, start: checkpoi
         elapsed = time.monotonic() - t0
         report.step(step, {**rollout, **train.metrics, **sync, **totals,
                            "staleness/max": stats.max_lag, "staleness/mean": stats.mean_lag,
-                           "rollout/truncated_frac": stats.truncated_frac,
+                           "rollout/truncated_frac": stats.truncated_frac, "train/reward_mean": stats.reward_mean,
                            "queue/depth": await r.queue.depth.remote(),
                            "perf/step_s": elapsed, "perf/tokens_per_s": rollout["rollout/tokens"] / elapsed,
                            "perf/trainer_tokens_per_s": trainer_tokens_per_s(train.metrics),
