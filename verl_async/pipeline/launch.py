@@ -4,8 +4,10 @@ Rollout servers and trainer workers get separate placement groups sized from the
 config (GPUs on cuda; CPU cores on a CPU machine, one vLLM engine bound per core).
 """
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -24,6 +26,7 @@ class Roles:
     queue: Any  # SampleQueue actor
     coordinator: Any  # WeightSyncCoordinator
     placement_groups: list[Any]
+    spawn_server: Callable[[int], Any]  # a fresh RolloutServer actor for slot i, in that slot's bundle (not started)
     rollouter: Any = None  # Rollouter actor, started by start_rollouter once the resume state is known
 
     def shutdown(self) -> None:
@@ -83,7 +86,8 @@ def _placement_group(bundles: list[dict[str, float]], name: str):
     return pg
 
 
-def start_servers(job: JobConfig, device: str, model_path: str) -> tuple[list[Any], list[Any], Any]:
+def make_server(job: JobConfig, device: str, model_path: str, pg: Any, index: int) -> Any:
+    """RolloutServer actor `index` in bundle `index` of the rollout placement group (call start() on it)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -91,17 +95,22 @@ def start_servers(job: JobConfig, device: str, model_path: str) -> tuple[list[An
 
     r, c = job.rollout, job.cluster
     gpus = r.tensor_parallel_size if device == "cuda" else 0
-    pg = _placement_group([{"CPU": c.cpus_per_rollout_server, "GPU": gpus} if gpus else
-                           {"CPU": c.cpus_per_rollout_server}] * r.num_servers, "rollout")
-    cores = os.cpu_count() or 1
-    servers = []
-    for i in range(r.num_servers):
-        env = {"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)} if device == "cpu" else {}
-        servers.append(ray.remote(RolloutServer).options(
-            num_cpus=c.cpus_per_rollout_server, num_gpus=gpus, runtime_env={"env_vars": env},
-            max_concurrency=100_000,  # a pause must never queue behind in-flight generate calls
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(i, model_path, job.model, r, job.sync, device, job.data.max_images_per_prompt))
+    env = {"VLLM_CPU_OMP_THREADS_BIND": str(index % (os.cpu_count() or 1))} if device == "cpu" else {}
+    return ray.remote(RolloutServer).options(
+        num_cpus=c.cpus_per_rollout_server, num_gpus=gpus, runtime_env={"env_vars": env},
+        max_concurrency=100_000,  # a pause must never queue behind in-flight generate calls
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
+    ).remote(index, model_path, job.model, r, job.sync, device, job.data.max_images_per_prompt)
+
+
+def start_servers(job: JobConfig, device: str, model_path: str) -> tuple[list[Any], list[Any], Any]:
+    import ray
+
+    r, c = job.rollout, job.cluster
+    gpus = r.tensor_parallel_size if device == "cuda" else 0
+    bundle = {"CPU": c.cpus_per_rollout_server, **({"GPU": gpus} if gpus else {}), **c.rollout_resources}
+    pg = _placement_group([bundle] * r.num_servers, "rollout")
+    servers = [make_server(job, device, model_path, pg, i) for i in range(r.num_servers)]
     infos = ray.get([s.start.remote() for s in servers])
     return servers, infos, pg
 
@@ -116,8 +125,8 @@ def launch(job: JobConfig, device: str, model_path: str) -> Roles:
 
     servers, infos, rollout_pg = start_servers(job, device, model_path)
     c = job.cluster
-    trainer_pg = _placement_group([{"CPU": c.cpus_per_trainer_worker, "GPU": 1} if device == "cuda" else
-                                   {"CPU": c.cpus_per_trainer_worker}] * job.trainer.num_workers, "trainer")
+    bundle = {"CPU": c.cpus_per_trainer_worker, **({"GPU": 1} if device == "cuda" else {}), **c.trainer_resources}
+    trainer_pg = _placement_group([bundle] * job.trainer.num_workers, "trainer")
     trainer = TrainerGroup(model_path, job.model, job.trainer, job.algorithm, job.pipeline.total_steps, device,
                            temperature=job.rollout.temperature, cpus_per_worker=c.cpus_per_trainer_worker,
                            placement_group=trainer_pg)
@@ -125,7 +134,8 @@ def launch(job: JobConfig, device: str, model_path: str) -> Roles:
     queue = ray.remote(SampleQueue).options(num_cpus=0).remote(capacity=p.batch_groups * (p.max_staleness + 2))
     coordinator = WeightSyncCoordinator(servers, trainer.sender, job.sync, pause_mode=p.pause_mode, device=device,
                                         workers_per_server=job.rollout.tensor_parallel_size)
-    return Roles(servers, infos, trainer, queue, coordinator, [rollout_pg, trainer_pg])
+    return Roles(servers, infos, trainer, queue, coordinator, [rollout_pg, trainer_pg],
+                 spawn_server=functools.partial(make_server, job, device, model_path, rollout_pg))
 
 
 def start_rollouter(job: JobConfig, roles: Roles, model_path: str, start) -> None:

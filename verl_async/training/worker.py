@@ -34,6 +34,7 @@ from verl_async.training.batching import (
     split_mini_batches,
     uses_padded_layout,
 )
+from verl_async.training.guards import NonFiniteGuard
 from verl_async.training.model import (
     DTYPES,
     build_model,
@@ -66,6 +67,7 @@ class TrainerWorker:
         self.total_steps, self.device_type, self.temperature = total_steps, device, temperature
         self.step = 0
         self.policy_version = 0
+        self.nonfinite = NonFiniteGuard(trainer.max_nonfinite_skips)  # skipped updates still count as steps
         self._sender: Any = None
 
     # ---- setup -------------------------------------------------------------------------------
@@ -157,6 +159,7 @@ class TrainerWorker:
             "train/tokens": float(sum(row_length(r) for r in rows)),
             "train/loss_tokens": float(sum(sum(r.loss_mask) for r in rows)),
             "train/step_s": time.perf_counter() - start,
+            "train/nonfinite_skips": float(self.nonfinite.skips),
         }
         return TrainMetrics(step=batch.step, metrics=metrics)
 
@@ -186,10 +189,8 @@ class TrainerWorker:
         max_norm = self.cfg.max_grad_norm if self.cfg.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)
         grad_norm = float((grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm).item())
-        if np.isfinite(grad_norm):
+        if self.nonfinite.allow_update(self.step, grad_norm):
             self.optimizer.step()
-        else:
-            logger.warning("step %d: non-finite grad norm %s, update skipped", self.step, grad_norm)
         return loss_sum, grad_norm, sums | {"weight": weight, "train/is_ratio_max": is_max}
 
     def _rank_micro_batches(self, rows: list[TrainRow], row_ids: list[int]) -> list[MicroBatch]:
