@@ -50,7 +50,7 @@ def _read_records(path: Path, report: LoadReport, limit: int = 0) -> list[tuple[
                 try:
                     records.append((i, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    report.skip("malformed JSON line", f"{path}:{i + 1} ({e})")
+                    report.skip("malformed JSON line", f"{path}:{i} ({e})")
         return records
     raise ValueError(f"data.train_files: {path} has an unknown suffix; use .parquet or .jsonl.")
 
