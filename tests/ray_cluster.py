@@ -45,6 +45,18 @@ def _start_node(args: list[str], temp_dir: str, log: Path) -> subprocess.Popen:
                                 env=ray_env(), stdout=out, stderr=subprocess.STDOUT)
 
 
+def _wait_for_port(port: int, procs: list[subprocess.Popen], timeout_s: float) -> None:
+    """The head's GCS accepts connections (enough for a worker node to join)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if any(p.poll() is not None for p in procs):
+            raise RuntimeError("a `ray start` node exited early (see its log in the test's tmp dir)")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=1):
+            return
+        time.sleep(0.5)
+    raise TimeoutError(f"the head's port {port} did not open in {timeout_s} s")
+
+
 def _wait_for_nodes(address: str, count: int, procs: list[subprocess.Popen], timeout_s: float) -> None:
     code = ("import ray, sys; ray.init(address=sys.argv[1], logging_level='ERROR'); "
             "print(sum(n['Alive'] for n in ray.nodes()))")
@@ -78,7 +90,7 @@ def two_node_cluster(logs: Path, head_resource: str, worker_resource: str, cpus:
                           f"--ray-client-server-port={free_port()}", f"--num-cpus={cpus}",
                           f"--resources={{\"{head_resource}\": 1}}"], temp_dirs[0], logs / "ray_head.log")]
     try:
-        _wait_for_nodes(address, 1, procs, timeout_s=180)
+        _wait_for_port(port, procs, timeout_s=180)
         procs.append(_start_node([f"--address={address}", "--node-ip-address=127.0.0.2", f"--num-cpus={cpus}",
                                   f"--resources={{\"{worker_resource}\": 1}}"], temp_dirs[1], logs / "ray_worker.log"))
         _wait_for_nodes(address, 2, procs, timeout_s=180)

@@ -101,7 +101,7 @@ def test_preflight_reports_every_problem_at_once_before_ray(tmp_path):
         preflight(job)
     assert time.monotonic() - t0 < 10
     message = str(err.value)
-    for part in ("data.reward_fn: data.reward_fn='no_such_module:score' cannot be imported",
+    for part in ("data.reward_fn='no_such_module:score' cannot be imported",
                  "model.path:", "has no tokenizer",
                  "bad.jsonl: none of its first 256 rows is usable", "`prompt` holds a str",
                  "missing.jsonl does not exist", "rows.csv has an unknown suffix"):

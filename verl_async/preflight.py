@@ -37,7 +37,7 @@ def preflight(job: JobConfig) -> None:
         try:
             fn()
         except (ValueError, OSError, ImportError) as e:
-            problems.append(f"{key}: {e}")
+            problems.append(str(e) if str(e).startswith(key) else f"{key}: {e}")
     if problems:
         raise ConfigError("the job cannot start (checked before Ray and vLLM):\n  " + "\n  ".join(problems))
     logger.info("preflight passed: reward %s, model %s, %s", job.data.reward_fn, job.model.path,

@@ -142,6 +142,8 @@ def _describe(error: BaseException) -> str:
     """A remote error's own type and message, without Ray's traceback around it."""
     import ray
 
+    if isinstance(error, PipelineError):
+        return str(error)
     if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
         error = error.cause
     return f"{type(error).__name__}: {error}"
