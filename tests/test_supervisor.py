@@ -97,6 +97,17 @@ class Rollouter:
         self.events.append(("on_step", version))
 
 
+async def _dead(handle) -> None:
+    """ray.kill returns before the actor is gone: wait until it no longer answers."""
+    for _ in range(200):
+        try:
+            await handle.health.remote()
+        except ray.exceptions.RayActorError:
+            return
+        await asyncio.sleep(0.05)
+    raise TimeoutError("the killed actor still answers")
+
+
 async def _started(sup: ServerSupervisor, index: int) -> None:
     """Wait until the replacement for `index` finished its start() (or failed it)."""
     await asyncio.wait([sup._replacing[index].started], timeout=60)
@@ -115,6 +126,7 @@ def test_supervisor_replaces_resyncs_and_bounds_restarts(ray_session):
         await coord.setup(policy_version=0)
         sup = ServerSupervisor(list(servers), coord, rollouter, spawn, max_restarts=2)
         ray.kill(servers[1])  # found by the health check (no request saw it)
+        await _dead(servers[1])
         assert await sup.maintain(3, sync_due=False) == {}
         assert sorted(coord.servers) == [0] and sender.world_sizes[-1] == 2 and ("remove", 1) in rollouter.events
         await _started(sup, 1)
@@ -127,6 +139,7 @@ def test_supervisor_replaces_resyncs_and_bounds_restarts(ray_session):
 
         fail_next.append(True)  # slot 1 dies again, and its next replacement fails to start
         ray.kill(replacement)
+        await _dead(replacement)
         rollouter.lost = [1]  # this time a failed request reported it first
         await sup.maintain(4, sync_due=True)  # retires it; syncs the survivor
         await _started(sup, 1)
