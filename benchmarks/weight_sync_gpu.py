@@ -91,6 +91,11 @@ class Trainer:
             torch.cuda.synchronize()
 
     # the API the coordinator drives (same as the real TrainerWorker's)
+    def rendezvous_address(self):
+        from verl_async.sync.coordinator import rendezvous_address
+
+        return rendezvous_address()
+
     def init_weight_sender(self, backend, master_address, master_port, world_size, timeout_s, servers=None):
         from verl_async.sync.ipc import LoopEngineLink
 

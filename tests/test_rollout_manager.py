@@ -55,6 +55,9 @@ class EchoServer:
     async def state(self):
         return {"calls": self.calls, "pauses": self.pauses, "resumes": self.resumes}
 
+    async def health(self):
+        return True
+
 
 @pytest.fixture(scope="module")
 def servers(ray_session):
@@ -138,6 +141,42 @@ def test_rollout_manager_abort_all(servers):
         return await asyncio.wait_for(asyncio.gather(*tasks), timeout=5)
 
     assert all(g.finish_reason == FinishReason.ABORT for g in asyncio.run(run()))
+
+
+def test_rollout_manager_takes_a_dead_server_out_of_routing_and_waits_for_a_replacement(ray_session):
+    """A killed actor: its request raises ServerLostError (the caller requeues), the server is out of
+    routing at once, new requests go elsewhere or wait until add_server brings one back."""
+    from verl_async.rollout.manager import ServerLostError
+
+    actor = ray_session.remote(num_cpus=0)(EchoServer)
+    handles = [actor.remote(i, 0.1) for i in range(2)]
+    infos = [ServerInfo(i, 512, 1, "test") for i in range(2)]
+    m = RolloutManager(handles, infos, RolloutConfig(response_length=8))
+    prompt = EnginePrompt([1, 2, 3])
+
+    async def run():
+        doomed = asyncio.create_task(m.generate("p", "doomed", prompt, affinity_key="g"))
+        await asyncio.sleep(0.2)
+        victim = m._requests["doomed"]
+        ray.kill(handles[victim])
+        with pytest.raises(ServerLostError, match=f"rollout server {victim} died"):
+            await doomed
+        assert m.lost_servers() == [victim] and m.num_live == 1
+        again = await m.generate("p", "again", prompt, affinity_key="g")  # same group, the other server
+        assert again.server_index == 1 - victim
+        stats = await m.stats()  # the dead server is left out, not an error
+        m.remove_server(victim)
+        m.remove_server(1 - victim)  # now none is live: a request waits
+        waiting = asyncio.create_task(m.generate("p", "waits", prompt))
+        await asyncio.sleep(0.3)
+        assert not waiting.done()
+        m.add_server(victim, actor.remote(victim, 0.1), infos[victim])
+        return stats, await asyncio.wait_for(waiting, 10)
+
+    stats, waited = asyncio.run(run())
+    assert waited.finish_reason == FinishReason.LENGTH and waited.server_index in (0, 1)
+    assert m.lost_servers() == [] and m.num_live == 1
+    assert stats["rollout/generation_tokens"] == 10.0  # only the live server answered
 
 
 def ray_get(ref):

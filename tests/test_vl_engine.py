@@ -71,6 +71,11 @@ class HFVLTrainer:
     def vision_pad_ids(self) -> list[int]:
         return self.encoder.stop_token_ids
 
+    def rendezvous_address(self):
+        from verl_async.sync.coordinator import rendezvous_address
+
+        return rendezvous_address()
+
     def init_weight_sender(self, backend, master_address, master_port, world_size, timeout_s):
         from verl_async.sync.trainer_side import WeightSender
 

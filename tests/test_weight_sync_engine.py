@@ -44,6 +44,11 @@ class HFSender:
         self.sender = None
         self.override: dict = {}  # name -> tensor sent instead (or after all, if unknown): to provoke rejections
 
+    def rendezvous_address(self):
+        from verl_async.sync.coordinator import rendezvous_address
+
+        return rendezvous_address()
+
     def init_weight_sender(self, backend, master_address, master_port, world_size, timeout_s):
         from verl_async.sync.trainer_side import WeightSender
 

@@ -235,10 +235,12 @@ def test_gloo_sender_to_receiver_roundtrip(bucket_bytes):
 class _FakeServer:
     def __init__(self, fail_update: bool = False, hang_update: bool = False):
         self.calls: list[str] = []
+        self.init_infos: list[dict] = []
         self.fail_update, self.hang_update = fail_update, hang_update
 
     async def init_weight_transfer(self, info):
         self.calls.append("init")
+        self.init_infos.append(info)
 
     async def pause(self, mode="keep", clear_cache=True):
         assert mode == "keep"
@@ -262,11 +264,18 @@ class _FakeServer:
 
 
 class _FakeSender:
+    """Rank 0 reports its own node's address: the engines must be told that one, not the driver's."""
+
     def __init__(self, metas):
         self.metas = metas
+        self.groups: list[tuple[str, int, int]] = []
+
+    def rendezvous_address(self):
+        return "10.1.2.3", 29555
 
     def init_weight_sender(self, backend, address, port, world_size, timeout_s):
-        assert backend == "gloo" and world_size == 3
+        assert backend == "gloo"
+        self.groups.append((address, port, world_size))
 
     def tensor_metas(self):
         return self.metas
@@ -305,3 +314,46 @@ def test_coordinator_phases_failures_and_preflight():
         asyncio.run(coord.sync(3))
     assert servers[1].calls[-1] == "resume"
     assert coord.policy_version == 0
+
+
+def test_coordinator_rendezvous_is_rank0s_and_the_group_reforms_on_membership_changes():
+    """The engines are pointed at the address and port trainer rank 0 reported for its own node (the
+    driver may be on another node); a membership change re-forms the group for all members."""
+    from verl_async.sync.coordinator import WeightSyncCoordinator, WeightSyncError
+
+    servers = {0: _FakeServer(), 1: _FakeServer(), 2: _FakeServer()}
+    sender = _FakeSender([TensorMeta("w", "float32", [2])])
+    coord = WeightSyncCoordinator(list(servers.values()), sender, SyncConfig(timeout_s=2.0), device="cpu")
+    asyncio.run(coord.setup(policy_version=0))
+    assert sender.groups == [("10.1.2.3", 29555, 4)]
+    assert [(i["master_address"], i["master_port"], i["rank_offset"]) for i in servers[2].init_infos] == [
+        ("10.1.2.3", 29555, 3)]
+    asyncio.run(coord.form_group({0: servers[0], 2: servers[2]}))  # server 1 died
+    assert sender.groups[-1][2] == 3 and servers[2].init_infos[-1]["rank_offset"] == 2
+    calls_before = len(servers[1].calls)
+    asyncio.run(coord.sync(1))
+    assert len(servers[1].calls) == calls_before and servers[2].calls[-2:] == ["finish 1", "resume"]
+    asyncio.run(coord.form_group({}))  # every server gone: nothing to form, and a sync says so
+    with pytest.raises(WeightSyncError, match="no rollout server"):
+        asyncio.run(coord.sync(2))
+
+
+def test_coordinator_abandons_a_hung_transfer_within_the_timeout():
+    """The trainer side hangs (a peer never joins the broadcast): the sync fails within
+    sync.timeout_s (plus a resume bounded by it too), and nothing is left blocking the loop's exit."""
+    import time
+
+    from verl_async.sync.coordinator import WeightSyncCoordinator, WeightSyncError
+
+    class HangingSender(_FakeSender):
+        async def send_weights(self, bucket_bytes):
+            await asyncio.sleep(3600)
+
+    servers = [_FakeServer(), _FakeServer()]
+    coord = WeightSyncCoordinator(servers, HangingSender([TensorMeta("w", "float32", [2])]),
+                                  SyncConfig(timeout_s=1.0), device="cpu")
+    t0 = time.monotonic()
+    with pytest.raises(WeightSyncError, match=r"phase 'transfer'.*sender: no answer before the 1 s deadline"):
+        asyncio.run(coord.setup(policy_version=0))
+    assert time.monotonic() - t0 < 5.0
+    assert all(s.calls[-1] == "resume" for s in servers)

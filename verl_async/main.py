@@ -32,11 +32,13 @@ def run(job: JobConfig) -> dict[str, float]:
     """Run the job described by a validated config; returns the final metrics."""
     from verl_async.config._check import check
     from verl_async.config.rollout import check_device
+    from verl_async.preflight import preflight
 
     device = resolve_device(job.cluster.device)
     check_device(job.rollout, device)
     check(not (job.cluster.shared_gpu and device != "cuda"), "cluster.shared_gpu", True,
           "no GPU is visible: a shared GPU needs CUDA (use cluster=cpu on a CPU machine).")
+    preflight(job)  # import paths, files and assets: before Ray and vLLM start
     if job.smoke:
         from verl_async.smoke import run_smoke
 
@@ -58,7 +60,16 @@ def _main(cfg: DictConfig) -> None:
 
         job.output_dir = HydraConfig.get().runtime.output_dir
     logging.getLogger().setLevel(job.logging.level)
-    run(job)
+    from verl_async.pipeline.driver import PipelineError
+
+    try:
+        run(job)
+    except ConfigError as e:  # found by the preflight checks
+        logger.error("invalid config: %s", e)
+        raise SystemExit(2) from None
+    except PipelineError as e:
+        logger.error("%s", e)
+        raise SystemExit(1) from None
 
 
 def cli() -> None:

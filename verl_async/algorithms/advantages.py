@@ -4,6 +4,8 @@ Every sample of a prompt's group gets one scalar advantage, broadcast to all its
 the trainer. Pure torch, no state.
 """
 
+import math
+
 import torch
 
 ADVANTAGE_EPS = 1e-6
@@ -39,7 +41,10 @@ def compute_advantages(group_rewards: list[list[float]], method: str = "grpo") -
 
 def is_zero_variance(rewards: list[float], tol: float = 0.0) -> bool:
     """True when all rewards of a group are equal (within `tol`): every advantage would be 0, so
-    the group carries no gradient and dynamic sampling drops it."""
+    the group carries no gradient and dynamic sampling drops it. The rewards must be finite (a
+    NaN makes max/min depend on the order): rewards.scoring takes reward errors out first."""
+    if not all(math.isfinite(r) for r in rewards):
+        raise ValueError(f"rewards {rewards} are not all finite: score them with rewards.scoring.score_group")
     if len(rewards) <= 1:
         return True
     return max(rewards) - min(rewards) <= tol

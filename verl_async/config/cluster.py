@@ -1,6 +1,6 @@
 """Where the roles run: Ray address and resources per role."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from verl_async.config._check import check, check_choice
 
@@ -28,6 +28,11 @@ class ClusterConfig:
     memory_check: bool = True
     """shared_gpu: refuse to start when the trainer's estimated memory does not fit beside the engine
     (false: skip the estimate; the trainer's memory is still capped so it cannot take the engine's)."""
+    rollout_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each rollout server's placement bundle asks for, e.g. {rollout_node: 1} to put
+    the servers on nodes started with `ray start --resources='{"rollout_node": 8}'` (multi-node layouts)."""
+    trainer_resources: dict[str, float] = field(default_factory=dict)
+    """Extra Ray resources each trainer worker's placement bundle asks for (see rollout_resources)."""
 
     def __post_init__(self) -> None:
         check_choice("cluster.device", self.device, ("auto", "cuda", "cpu"))
@@ -38,3 +43,7 @@ class ClusterConfig:
         check(not (self.shared_gpu and self.device == "cpu"), "cluster.shared_gpu", self.shared_gpu,
               "a shared GPU needs cluster.device=cuda (or auto on a GPU machine); use false on CPU.")
         check(self.cpus_per_trainer_worker >= 1, "cluster.cpus_per_trainer_worker", self.cpus_per_trainer_worker, "use at least 1.")
+        for key, extra in (("cluster.rollout_resources", self.rollout_resources),
+                           ("cluster.trainer_resources", self.trainer_resources)):
+            check(all(v > 0 for v in extra.values()) and not {"CPU", "GPU"} & set(extra), key, extra,
+                  "give custom resource names with positive amounts (CPUs and GPUs come from the other keys).")

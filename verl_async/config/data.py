@@ -2,8 +2,10 @@
 
 from dataclasses import dataclass, field
 
-from verl_async.config._check import absolute_spec, check
+from verl_async.config._check import absolute_spec, check, check_choice
 from verl_async.config.env import EnvConfig
+
+REWARD_ERROR_POLICIES = ("drop", "zero")
 
 
 @dataclass
@@ -19,7 +21,10 @@ class DataConfig:
     `path/to/file.py:function`. With `env`, it scores the last model turn of an episode the environment
     ended (added to the environment's rewards); `none` leaves the scoring to the environment."""
     max_prompt_length: int = 512
-    """Prompts longer than this (in tokens, vision tokens included) are rejected and counted."""
+    """Prompts longer than this (in tokens, vision tokens included) are rejected and counted (data/prompts_too_long)."""
+    reward_error: str = "drop"
+    """A sample whose reward function raised or returned NaN/inf (counted as rollout/reward_errors):
+    drop (the sample leaves its group) or zero (it is scored 0)."""
     max_images_per_prompt: int = 1
     """Upper bound on images in one prompt; also passed to vLLM's limit_mm_per_prompt."""
     shuffle: bool = True
@@ -35,3 +40,4 @@ class DataConfig:
         check(self.max_prompt_length > 0, "data.max_prompt_length", self.max_prompt_length, "use a positive token count.")
         check(self.max_images_per_prompt >= 0, "data.max_images_per_prompt", self.max_images_per_prompt, "use 0 or more.")
         check(bool(self.reward_fn), "data.reward_fn", self.reward_fn, "name a registered reward or `module:function`.")
+        check_choice("data.reward_error", self.reward_error, REWARD_ERROR_POLICIES)

@@ -26,6 +26,10 @@ class PipelineConfig:
     """Push weights to the rollout servers every K optimizer steps."""
     max_inflight_groups: int = 0
     """Groups being generated at once; 0 = batch_groups * (max_staleness + 1)."""
+    max_unusable_groups_in_a_row: int = 256
+    """Stop the run, with the counts and the likely cause, when this many groups in a row ended unusable
+    (zero-variance filtered, rejected, failed, or every sample a reward error) instead of the trainer
+    waiting forever. The default is far beyond a run of bad luck at even 90% filtering (0.9^256 ~ 2e-12)."""
 
     def __post_init__(self) -> None:
         check_choice("pipeline.mode", self.mode, MODES)
@@ -34,6 +38,8 @@ class PipelineConfig:
         check(self.max_staleness >= 0, "pipeline.max_staleness", self.max_staleness, "use 0 (on-policy) or more.")
         check(self.sync_every_steps >= 1, "pipeline.sync_every_steps", self.sync_every_steps, "use at least 1.")
         check(self.max_inflight_groups >= 0, "pipeline.max_inflight_groups", self.max_inflight_groups, "use 0 (auto) or more.")
+        check(self.max_unusable_groups_in_a_row >= 1, "pipeline.max_unusable_groups_in_a_row",
+              self.max_unusable_groups_in_a_row, "use at least 1 (the default 256 is safe for hard data).")
         if self.mode == "sync_baseline":
             check(self.max_staleness == 0, "pipeline.max_staleness", self.max_staleness,
                   "the sync_baseline mode is on-policy: set pipeline.max_staleness=0.")

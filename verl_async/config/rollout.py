@@ -20,9 +20,9 @@ class RolloutConfig:
     temperature: float = 1.0
     """Sampling temperature."""
     top_p: float = 1.0
-    """Nucleus sampling mass."""
+    """Nucleus sampling mass. Only 1.0: the trainer's log-probs do not apply the truncation (see __post_init__)."""
     top_k: int = -1
-    """Top-k sampling (-1: off)."""
+    """Top-k sampling. Only -1 or 0 (off), for the same reason as top_p."""
     max_num_seqs: int = 128
     """Most requests an engine runs at once."""
     gpu_memory_utilization: float = 0.85
@@ -39,6 +39,9 @@ class RolloutConfig:
     """CPU: cores each engine binds (VLLM_CPU_OMP_THREADS_BIND); servers get disjoint cores."""
     metrics_port: int = 0
     """Prometheus endpoint port on each server (0: off)."""
+    max_restarts: int = 3
+    """Times each rollout server may be replaced after it died (killed, OOM, engine crash); one more death
+    ends the run. A replacement rejoins the weight-transfer group and takes the current weights first."""
 
     def __post_init__(self) -> None:
         check(self.num_servers >= 1, "rollout.num_servers", self.num_servers, "use at least 1.")
@@ -48,7 +51,16 @@ class RolloutConfig:
         check(self.max_model_len == "auto" or (self.max_model_len.isdigit() and int(self.max_model_len) > 0),
               "rollout.max_model_len", self.max_model_len, "use `auto` or a positive token count.")
         check(self.temperature >= 0.0, "rollout.temperature", self.temperature, "use 0 (greedy) or more.")
-        check(0.0 < self.top_p <= 1.0, "rollout.top_p", self.top_p, "use a value in (0, 1].")
+        # vLLM returns the log-probs of the truncated distribution it sampled from (processed_logprobs);
+        # the trainer computes them over the full vocabulary, so with truncation the two disagree on
+        # every token and the importance ratios are silently wrong.
+        check(self.top_p == 1.0, "rollout.top_p", self.top_p,
+              "use 1.0: the trainer's log-probs cover the full vocabulary and would not match the engine's "
+              "truncated sampling distribution (steer exploration with rollout.temperature instead).")
+        check(self.top_k in (-1, 0), "rollout.top_k", self.top_k,
+              "use -1 (off): the trainer's log-probs cover the full vocabulary and would not match the "
+              "engine's top-k sampling distribution (steer exploration with rollout.temperature instead).")
+        check(self.max_restarts >= 0, "rollout.max_restarts", self.max_restarts, "use 0 (never replace) or more.")
         check(0.0 < self.gpu_memory_utilization <= 1.0, "rollout.gpu_memory_utilization",
               self.gpu_memory_utilization, "use a fraction in (0, 1].")
         check(self.kv_cache_memory_bytes >= 0, "rollout.kv_cache_memory_bytes", self.kv_cache_memory_bytes, "use 0 or more bytes.")

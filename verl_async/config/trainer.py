@@ -38,7 +38,11 @@ class TrainerConfig:
     fsdp: bool = True
     """Shard parameters with FSDP2 across trainer workers (nccl on GPU, gloo on CPU); False: replicate and all-reduce gradients."""
     checkpoint_every_steps: int = 0
-    """Save a checkpoint every N optimizer steps (0: only at the end)."""
+    """Save a checkpoint every N optimizer steps (0: only at the end). A run that fails (a trainer rank died,
+    too many non-finite updates) resumes from the newest one with `resume=true`: set it on long runs."""
+    max_nonfinite_skips: int = 3
+    """An optimizer update whose gradient norm is NaN/inf is skipped (counted as train/nonfinite_skips);
+    this many skipped in a row stop the run with an error."""
     save_at_end: bool = True
     """Save a checkpoint and export the HF model when the run ends (false: benchmarks and throwaway runs)."""
     seed: int = 0
@@ -56,3 +60,4 @@ class TrainerConfig:
         check(self.mini_batches >= 1, "trainer.mini_batches", self.mini_batches, "use at least 1.")
         check(self.ppo_epochs >= 1, "trainer.ppo_epochs", self.ppo_epochs, "use at least 1.")
         check(self.checkpoint_every_steps >= 0, "trainer.checkpoint_every_steps", self.checkpoint_every_steps, "use 0 or more.")
+        check(self.max_nonfinite_skips >= 1, "trainer.max_nonfinite_skips", self.max_nonfinite_skips, "use at least 1.")

@@ -3,7 +3,8 @@
     take a batch of fresh groups -> train one step -> every K steps sync weights -> report
 
 Where a sample is born: pipeline/rollouter.py. Where it is trained on: training/worker.py.
-Where the weights go back: sync/coordinator.py.
+Where the weights go back: sync/coordinator.py. Dead rollout servers are replaced by
+pipeline/supervisor.py; any other failure ends the run with the checkpoint to resume from.
 """
 
 import asyncio
@@ -17,10 +18,16 @@ from verl_async.pipeline.batch import build_train_batch
 from verl_async.pipeline.launch import Roles, init_ray, launch, start_rollouter
 from verl_async.pipeline.ledger import Ledger
 from verl_async.pipeline.report import Reporter
+from verl_async.pipeline.supervisor import ServerSupervisor
 from verl_async.types import Group
 
 logger = logging.getLogger(__name__)
-BATCH_POLL_S = 30.0  # how often a waiting trainer checks that the rollouter is alive
+BATCH_POLL_S = 5.0  # how often a waiting trainer checks the rollouter and the servers
+WAIT_LOG_S = 120.0  # a trainer waiting this long for one batch says so, with the rollout's counts
+
+
+class PipelineError(RuntimeError):
+    """The run stopped; the message says why and which checkpoint to resume from."""
 
 
 async def train_loop(job: JobConfig, r: Roles, report: Reporter, start: checkpoint.ResumeState) -> dict[str, float]:
@@ -28,20 +35,19 @@ async def train_loop(job: JobConfig, r: Roles, report: Reporter, start: checkpoi
     await r.coordinator.setup(policy_version=start.step)  # the handshake: a broken sync path fails before step 0
     await r.queue.restore.remote(start.queued_groups)
     await r.rollouter.start.remote()
-    engine_version = start.step
+    supervisor = ServerSupervisor(r.servers, r.coordinator, r.rollouter, r.spawn_server, job.rollout.max_restarts)
     for step in range(start.step, p.total_steps):
         t0 = time.monotonic()
-        groups, wait_s = await take_batch(r, p.batch_groups, step, p.max_staleness, totals)
+        groups, wait_s = await take_batch(r, supervisor, p.batch_groups, step, p.max_staleness, totals)
         batch, stats = build_train_batch(groups, step, step, job.algorithm.advantage)
         train = await r.trainer.train_step_async(batch)
-        sync = {}
-        if (step + 1) % p.sync_every_steps == 0 or step + 1 == p.total_steps:
-            sync = await r.coordinator.sync(policy_version=step + 1)
-            engine_version, totals["sync/count"] = step + 1, totals["sync/count"] + 1
-        await r.rollouter.on_step.remote(engine_version)
+        sync_due = (step + 1) % p.sync_every_steps == 0 or step + 1 == p.total_steps
+        sync = await supervisor.maintain(step + 1, sync_due)  # also replaces dead servers
+        totals["sync/count"] += bool(sync)
+        await r.rollouter.on_step.remote(r.coordinator.policy_version)
         rollout = await r.rollouter.pop_metrics.remote()
         elapsed = time.monotonic() - t0
-        report.step(step, {**rollout, **train.metrics, **sync, **totals,
+        report.step(step, {**rollout, **supervisor.metrics(), **train.metrics, **sync, **totals,
                            "staleness/max": stats.max_lag, "staleness/mean": stats.mean_lag,
                            "rollout/truncated_frac": stats.truncated_frac, "train/reward_mean": stats.reward_mean,
                            "queue/depth": await r.queue.depth.remote(),
@@ -58,10 +64,11 @@ def trainer_tokens_per_s(train: dict[str, float]) -> float:
     return train["train/tokens"] / max(train["train/step_s"], 1e-9)
 
 
-async def take_batch(r: Roles, num_groups: int, trainer_version: int, max_staleness: int,
-                     totals: dict[str, float]) -> tuple[list[Group], float]:
-    """Wait for `num_groups` groups within the staleness bound; fail loudly if the rollouter died."""
-    groups, waited = [], 0.0
+async def take_batch(r: Roles, supervisor: ServerSupervisor, num_groups: int, trainer_version: int,
+                     max_staleness: int, totals: dict[str, float]) -> tuple[list[Group], float]:
+    """Wait for `num_groups` groups within the staleness bound. While waiting: replace dead servers,
+    and fail loudly if the rollouter stopped (it died, or no group was trainable)."""
+    groups, waited, logged = [], 0.0, 0.0
     while len(groups) < num_groups:
         got = await r.queue.get_batch.remote(num_groups - len(groups), trainer_version, max_staleness, BATCH_POLL_S)
         groups += got.groups
@@ -69,8 +76,15 @@ async def take_batch(r: Roles, num_groups: int, trainer_version: int, max_stalen
         totals["queue/stale_dropped"] += got.stale_dropped
         if got.stale_dropped:  # their slots are free now: the rollouter must not wait for the next step
             await r.rollouter.on_stale_dropped.remote(int(totals["queue/stale_dropped"]))
-        if len(groups) < num_groups and (err := await r.rollouter.health.remote()) is not None:
-            raise RuntimeError(f"the rollouter stopped: {err}")
+        if len(groups) >= num_groups:
+            break
+        if (err := await r.rollouter.health.remote()) is not None:
+            raise PipelineError(f"the rollout stopped: {err}")
+        await supervisor.maintain(trainer_version, sync_due=False)
+        if waited - logged >= WAIT_LOG_S:
+            logged = waited
+            logger.warning("step %d has waited %.0f s for groups (%d of %d so far); rollout: %s", trainer_version,
+                           waited, len(groups), num_groups, await r.rollouter.progress.remote())
     return groups, waited
 
 
@@ -89,8 +103,8 @@ async def finish(job: JobConfig, r: Roles, report: Reporter) -> dict[str, float]
         await asyncio.to_thread(r.trainer.export_hf, f"{job.output_dir}/hf")
     queue = await r.queue.counts.remote()
     ledger = Ledger(read=counts.read, trained=queue["taken"], filtered=counts.filtered, rejected=counts.rejected,
-                    stale_dropped=queue["stale_dropped"], failed=counts.failed, in_flight=counts.in_flight,
-                    queued=queue["queued"])
+                    stale_dropped=queue["stale_dropped"], failed=counts.failed, requeued=counts.requeued,
+                    in_flight=counts.in_flight, queued=queue["queued"])
     final = {**report.history[-1], **ledger.metrics()} if report.history else ledger.metrics()
     final.pop("step", None)
     if ledger.balance() != 0:
@@ -110,7 +124,10 @@ def run_pipeline(job: JobConfig, device: str) -> dict[str, float]:
     start_rollouter(job, roles, model_path, start)
     report = Reporter(job.logging, job.output_dir, job.pipeline.total_steps, dataclasses.asdict(job), start.step)
     try:
-        final = asyncio.run(train_loop(job, roles, report, start))
+        try:
+            final = asyncio.run(train_loop(job, roles, report, start))
+        except Exception as e:  # the run's boundary: re-raised with what to do next
+            raise PipelineError(failure_message(e, job.output_dir, job.trainer.checkpoint_every_steps)) from e
         report.final(final)
         plots = report.plot() if job.logging.plots else []
         logger.info("metrics: %s/metrics.jsonl; plots: %s", job.output_dir, ", ".join(plots) or "off")
@@ -118,3 +135,24 @@ def run_pipeline(job: JobConfig, device: str) -> dict[str, float]:
     finally:
         report.close()
         roles.shutdown()
+
+
+def failure_message(error: BaseException, output_dir: str, checkpoint_every_steps: int) -> str:
+    """Why the run stopped, and where it can resume from."""
+    latest = checkpoint.latest_checkpoint(output_dir)
+    where = (f"resume from {latest} (step {int((latest / 'COMPLETE').read_text())}) with resume=true"
+             if latest is not None else "no checkpoint was written yet: a rerun starts from step 0")
+    cadence = (f"checkpoints are written every {checkpoint_every_steps} steps" if checkpoint_every_steps
+               else "set trainer.checkpoint_every_steps to checkpoint during the run")
+    return f"run failed: {_describe(error)}. Fix the cause, then {where} ({cadence})."
+
+
+def _describe(error: BaseException) -> str:
+    """A remote error's own type and message, without Ray's traceback around it."""
+    import ray
+
+    if isinstance(error, PipelineError):
+        return str(error)
+    if isinstance(error, ray.exceptions.RayTaskError) and error.cause is not None:
+        error = error.cause
+    return f"{type(error).__name__}: {error}"

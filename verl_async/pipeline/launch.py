@@ -6,8 +6,10 @@ shared GPU (cluster.shared_gpu), one group whose bundle holds the GPU for both (
 A cluster too small for the job fails before anything starts.
 """
 
+import functools
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +30,7 @@ class Roles:
     queue: Any  # SampleQueue actor
     coordinator: Any  # WeightSyncCoordinator
     placement_groups: list[Any]
+    spawn_server: Callable[[int], Any]  # a fresh RolloutServer actor for slot i, in that slot's bundle (not started)
     rollouter: Any = None  # Rollouter actor, started by start_rollouter once the resume state is known
 
     def shutdown(self) -> None:
@@ -95,8 +98,9 @@ def job_sync(job: JobConfig, device: str) -> SyncConfig:
     return resolved_sync(job.sync, device, shared_gpu=job.cluster.shared_gpu)
 
 
-def start_servers(job: JobConfig, device: str, model_path: str, sync: SyncConfig | None = None,
-                  placement: Placement | None = None) -> tuple[list[Any], list[Any], Any]:
+def make_server(job: JobConfig, device: str, model_path: str, sync: SyncConfig, placement: Placement, pg: Any,
+                index: int) -> Any:
+    """RolloutServer actor `index` in bundle `index` of the rollout placement group (call start() on it)."""
     import ray
     from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
@@ -104,19 +108,23 @@ def start_servers(job: JobConfig, device: str, model_path: str, sync: SyncConfig
     from verl_async.sync.engine_side import engine_env
 
     r, c = job.rollout, job.cluster
+    env = {"VLLM_CPU_OMP_THREADS_BIND": str(index % (os.cpu_count() or 1))} if device == "cpu" else {}
+    return ray.remote(RolloutServer).options(
+        num_cpus=c.cpus_per_rollout_server, num_gpus=placement.server_gpus,
+        runtime_env={"env_vars": env | engine_env(sync.backend)},
+        max_concurrency=100_000,  # a pause must never queue behind in-flight generate calls
+        scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=index),
+    ).remote(index, model_path, job.model, r, sync, device, job.data.max_images_per_prompt)
+
+
+def start_servers(job: JobConfig, device: str, model_path: str, sync: SyncConfig | None = None,
+                  placement: Placement | None = None) -> tuple[list[Any], list[Any], Any]:
+    import ray
+
     sync = sync or job_sync(job, device)
     placement = placement or plan_placement(job, device)
     pg = _placement_group(list(placement.rollout.bundles), "rollout")
-    cores = os.cpu_count() or 1
-    servers = []
-    for i in range(r.num_servers):
-        env = {"VLLM_CPU_OMP_THREADS_BIND": str(i % cores)} if device == "cpu" else {}
-        servers.append(ray.remote(RolloutServer).options(
-            num_cpus=c.cpus_per_rollout_server, num_gpus=placement.server_gpus,
-            runtime_env={"env_vars": env | engine_env(sync.backend)},
-            max_concurrency=100_000,  # a pause must never queue behind in-flight generate calls
-            scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=i),
-        ).remote(i, model_path, job.model, r, sync, device, job.data.max_images_per_prompt))
+    servers = [make_server(job, device, model_path, sync, placement, pg, i) for i in range(job.rollout.num_servers)]
     infos = ray.get([s.start.remote() for s in servers])
     return servers, infos, pg
 
@@ -161,7 +169,8 @@ def launch(job: JobConfig, device: str, model_path: str) -> Roles:
     coordinator = WeightSyncCoordinator(servers, trainer.sender, sync, pause_mode=p.pause_mode, device=device,
                                         workers_per_server=job.rollout.tensor_parallel_size)
     pgs = [rollout_pg] if trainer_pg is rollout_pg else [rollout_pg, trainer_pg]
-    return Roles(servers, infos, trainer, queue, coordinator, pgs)
+    return Roles(servers, infos, trainer, queue, coordinator, pgs,
+                 spawn_server=functools.partial(make_server, job, device, model_path, sync, placement, rollout_pg))
 
 
 def _start_trainer(job: JobConfig, device: str, model_path: str, placement: Placement, rollout_pg: Any,

@@ -60,13 +60,15 @@ def plan_placement(job: JobConfig, device: str) -> Placement:
     cuda = device == "cuda"
     servers = f"rollout.num_servers={r.num_servers}"
     if cuda and c.shared_gpu:
-        bundle = {"CPU": float(c.cpus_per_rollout_server + c.cpus_per_trainer_worker), "GPU": 1.0}
+        bundle = ({"CPU": float(c.cpus_per_rollout_server + c.cpus_per_trainer_worker), "GPU": 1.0}
+                  | c.rollout_resources | c.trainer_resources)
         keys = (f"cluster.shared_gpu=true: one GPU per {servers}; CPUs cluster.cpus_per_rollout_server="
                 f"{c.cpus_per_rollout_server} + cluster.cpus_per_trainer_worker={c.cpus_per_trainer_worker}")
         return Placement(RoleRequest("rollout + trainer (shared GPU)", (bundle,) * r.num_servers, keys), None,
                          SHARED_GPU_FRACTION, SHARED_GPU_FRACTION)
-    server = {"CPU": float(c.cpus_per_rollout_server)} | ({"GPU": float(r.tensor_parallel_size)} if cuda else {})
-    worker = {"CPU": float(c.cpus_per_trainer_worker)} | ({"GPU": 1.0} if cuda else {})
+    server = ({"CPU": float(c.cpus_per_rollout_server)} | ({"GPU": float(r.tensor_parallel_size)} if cuda else {})
+              | c.rollout_resources)  # custom resources pin a role to nodes (multi-node layouts)
+    worker = ({"CPU": float(c.cpus_per_trainer_worker)} | ({"GPU": 1.0} if cuda else {}) | c.trainer_resources)
     tp = f" x rollout.tensor_parallel_size={r.tensor_parallel_size} GPUs" if cuda else ""
     rollout = RoleRequest("rollout", (server,) * r.num_servers,
                           f"{servers}{tp}, cluster.cpus_per_rollout_server={c.cpus_per_rollout_server} CPUs")

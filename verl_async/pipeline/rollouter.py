@@ -4,7 +4,9 @@ It runs one producer loop: take a prompt, expand it into `rollout.n` requests on
 (prefix caching) or, with `data.env`, into `rollout.n` multi-turn episodes (rollout/multi_turn.py),
 score the finished samples off the event loop, drop zero-variance groups
 (dynamic sampling, counted), and put the group into the queue. Admission control
-(pipeline/staleness.py) decides when a new group may start.
+(pipeline/staleness.py) decides when a new group may start. A group whose server died is
+requeued (its prompt goes first in line); a run of unusable groups ends the run with its cause
+(pipeline/starvation.py).
 """
 
 import asyncio
@@ -20,12 +22,16 @@ from verl_async.data.rows import LoadReport
 from verl_async.data.source import DataPosition, make_source
 from verl_async.data.vision import ImageError
 from verl_async.pipeline.staleness import admission_capacity, committed_groups
+from verl_async.pipeline.starvation import StarvationError, StarvationWatch
 from verl_async.rewards import resolve_reward
+from verl_async.rewards.scoring import GroupScores, score_group
+from verl_async.rollout.manager import ServerLostError
 from verl_async.rollout.sampling import PromptTooLongError
 from verl_async.types import FinishReason, Generation, Group, PromptRow, Sample
 
 logger = logging.getLogger(__name__)
 QUEUE_POLL_S = 5.0  # how often a delivery waiting for room in the queue checks whether the run stopped
+LOGGED_PER_KIND = 5  # reward errors / too-long prompts logged one by one; after that only counted
 
 
 @dataclass
@@ -38,6 +44,7 @@ class RolloutCounts:
     failed: int = 0
     delivered: int = 0
     in_flight: int = 0
+    requeued: int = 0  # group attempts whose server died: the prompt was read again
 
 
 @dataclass
@@ -66,6 +73,9 @@ class Rollouter:
         self.load_report = LoadReport()  # rows skipped at load (e.g. a missing image), reported as data/rows_skipped
         self.source = make_source(data, position, self.load_report)
         self.image_errors = 0  # rows whose images failed when their prompt was built (counted as rejected)
+        self.prompts_too_long = 0  # prompts over data.max_prompt_length (counted as rejected)
+        self.reward_errors = 0  # samples whose reward raised or was NaN/inf (see data.reward_error)
+        self.watch = StarvationWatch(pipeline.max_unusable_groups_in_a_row)
         self.reward_fn = resolve_reward(data.reward_fn)
         self.episodes = None  # with data.env: the multi-turn workflow that runs each sample as an episode
         if data.env.enabled:
@@ -116,13 +126,18 @@ class Rollouter:
 
     def health(self) -> str | None:
         """None while healthy, else the error that stopped the producer loop."""
-        return None if self._error is None else repr(self._error)
+        return None if self._error is None else f"{type(self._error).__name__}: {self._error}"
+
+    def progress(self) -> dict[str, int]:
+        """The counts so far (for a trainer that waits long for a batch to say why)."""
+        return {**dataclasses.asdict(self.counts), "reward_errors": self.reward_errors,
+                "prompts_too_long": self.prompts_too_long, "servers_live": self.manager.num_live}
 
     # ---- the producer loop ----
     def _capacity(self) -> int:
         c = self.counts
         committed = committed_groups(self.resumed_step, self.pipeline.batch_groups, c.read,
-                                     freed=c.rejected + c.filtered + c.failed + self.stale_dropped)
+                                     freed=c.rejected + c.filtered + c.failed + c.requeued + self.stale_dropped)
         cap = admission_capacity(self.engine_version, committed, self.pipeline.batch_groups, self.pipeline.max_staleness)
         limit = self.pipeline.max_inflight_groups or self.pipeline.batch_groups * (self.pipeline.max_staleness + 1)
         return min(cap, limit - self.counts.in_flight)
@@ -150,6 +165,8 @@ class Rollouter:
         self._mark_busy()
         try:
             prompt, mm_inputs = self.encoder.encode(row)
+            if not self._fits_prompt_length(row, len(prompt.prompt_ids)):
+                return
             budget = row.extra_info.get("max_tokens")  # a row may carry its own budget (still clamped)
             stops = self.encoder.stop_token_ids
             episodes = None
@@ -163,21 +180,64 @@ class Rollouter:
                     for i in range(self.rollout.n)])
             await self._deliver(row, group_id, gens, mm_inputs, episodes)
         except PromptTooLongError:
-            self.counts.rejected += 1  # counted and logged by the manager with the prompt id
+            self._unusable("rejected", row)  # counted and logged by the manager with the prompt id
         except ImageError as e:  # a missing or unreadable image: skipped and counted, never sent image-less
-            self.counts.rejected += 1
             self.image_errors += 1
+            self._unusable("rejected", row)
             logger.warning("prompt %s skipped: %s", row.prompt_id, e)
+        except ServerLostError as e:  # its server died: the prompt goes back to the front of the line
+            if not self._stopped:
+                self.counts.requeued += 1
+                self.pending_rows.insert(0, row)
+                logger.warning("group %s requeued: %s", group_id, e)
         except Exception as e:  # one bad group must not stop the rollout: count it, log it
             if self._stopped:
                 return
-            self.counts.failed += 1
+            self._unusable("failed", row)
             logger.exception("group %s failed: %s", group_id, e)
         finally:
             self.counts.in_flight -= 1
             self._inflight_rows.pop(group_id, None)
             self._mark_idle_if_empty()
             self._wake.set()
+
+    def _fits_prompt_length(self, row: PromptRow, prompt_len: int) -> bool:
+        """data.max_prompt_length, on the real length (vision tokens included); over it: rejected, counted."""
+        if prompt_len <= self.data.max_prompt_length:
+            return True
+        self.prompts_too_long += 1
+        self._unusable("rejected", row)
+        if self.prompts_too_long <= LOGGED_PER_KIND:
+            logger.warning("prompt %s rejected: %d tokens > data.max_prompt_length=%d%s", row.prompt_id, prompt_len,
+                           self.data.max_prompt_length, " (further ones are only counted: data/prompts_too_long)"
+                           if self.prompts_too_long == LOGGED_PER_KIND else "")
+        return False
+
+    def _unusable(self, kind: str, row: PromptRow, reward: float | None = None) -> None:
+        """Count a group that will not be trained (its ledger entry), and stop the run once too many
+        in a row were unusable: health() then reports why."""
+        if kind == "filtered":
+            self.counts.filtered += 1
+        elif kind == "rejected":
+            self.counts.rejected += 1
+        else:  # failed requests, or no sample left with a valid reward
+            self.counts.failed += 1
+        self.watch.unusable(kind, reward=reward, empty_ground_truth=not row.ground_truth)
+        message = self.watch.verdict()
+        if message is not None and self._error is None:
+            self._error = StarvationError(message)
+            logger.error("rollout stopped: %s", message)
+            if self._task is not None:
+                self._task.cancel()
+
+    def _count_reward_errors(self, row: PromptRow, scores: GroupScores) -> None:
+        if not scores.errors:
+            return
+        self.reward_errors += len(scores.errors)
+        if self.reward_errors - len(scores.errors) < LOGGED_PER_KIND:
+            logger.warning("reward error on prompt %s (%d of %d samples, policy data.reward_error=%s): %s",
+                           row.prompt_id, len(scores.errors), len(scores.rewards), self.data.reward_error,
+                           scores.errors[0])
 
     async def _deliver(self, row: PromptRow, group_id: str, gens: list[Generation], mm_inputs: dict,
                        episodes: list | None = None) -> None:
@@ -186,25 +246,28 @@ class Rollouter:
         if self._stopped:
             return  # aborted by stop(): reported as in flight at the end
         if any(g.finish_reason not in (FinishReason.STOP, FinishReason.LENGTH) for g in gens):
-            self.counts.failed += 1
+            self._unusable("failed", row)
             logger.warning("group %s has aborted/failed requests: not trained on", group_id)
             return
         if episodes is None:
             texts = [self.tokenizer.decode(g.response_ids, skip_special_tokens=True) for g in gens]
             extra = [0.0] * len(gens)
-        else:
+        else:  # an episode the environment did not end has no answer to score (None: 0 + its env rewards)
             texts, extra = [e.answer for e in episodes], [e.env_reward for e in episodes]
-        rewards = await asyncio.to_thread(
-            lambda: [(float(self.reward_fn(t, row.ground_truth, row.extra_info)) if t is not None else 0.0) + x
-                     for t, x in zip(texts, extra, strict=True)])
-        self._window.rewards += rewards
+        scores = await asyncio.to_thread(score_group, self.reward_fn, texts, row.ground_truth, row.extra_info,
+                                         self.data.reward_error)
+        self._count_reward_errors(row, scores)
+        kept = [(g, r + x) for g, r, x in zip(gens, scores.rewards, extra, strict=True) if r is not None]
+        self._window.rewards += [r for _, r in kept]
         self._window.response_lens += [len(g.response_ids) for g in gens]
         self._window.tokens += sum(g.num_model_tokens for g in gens)
-        if self.algorithm.drop_zero_variance_groups and is_zero_variance(rewards):
-            self.counts.filtered += 1
+        if not kept:
+            self._unusable("reward_errors", row)
             return
-        samples = [Sample(row.prompt_id, group_id, g, r, multi_modal_data=mm_inputs or None)
-                   for g, r in zip(gens, rewards, strict=True)]
+        if self.algorithm.drop_zero_variance_groups and is_zero_variance([r for _, r in kept]):
+            self._unusable("reward_errors" if scores.errors else "filtered", row, reward=kept[0][1])
+            return
+        samples = [Sample(row.prompt_id, group_id, g, r, multi_modal_data=mm_inputs or None) for g, r in kept]
         # Wait for room outside the delivery lock: a checkpoint must never wait behind a full queue
         # (the trainer that would drain it is the one waiting for the checkpoint). The rollouter is
         # the queue's only producer, so the room is still there when the lock is taken.
@@ -215,6 +278,19 @@ class Rollouter:
             await self.queue.put.remote(Group(row.prompt_id, samples))
             self.counts.delivered += 1
             self._inflight_rows.pop(group_id, None)
+        self.watch.usable()
+
+    # ---- server membership (the supervisor in the driver calls these) ----
+    async def lost_servers(self) -> list[int]:
+        """Servers found dead by a failed request, not yet removed by the supervisor."""
+        return self.manager.lost_servers()
+
+    async def remove_server(self, index: int) -> None:
+        self.manager.remove_server(index)
+
+    async def add_server(self, index: int, server, info) -> None:
+        """A replacement that already holds the current weights: route to it again."""
+        self.manager.add_server(index, server, info)
 
     # ---- idle accounting and metrics ----
     def _mark_busy(self) -> None:
@@ -240,6 +316,10 @@ class Rollouter:
             "rollout/groups_failed": float(self.counts.failed),
             "rollout/in_flight_groups": float(self.counts.in_flight),
             "rollout/image_errors": float(self.image_errors),
+            "rollout/reward_errors": float(self.reward_errors),
+            "rollout/requeued": float(self.counts.requeued),
+            "rollout/servers_live": float(self.manager.num_live),
+            "data/prompts_too_long": float(self.prompts_too_long),
             "data/rows_skipped": float(sum(self.load_report.skipped.values())),
         }
         out |= await self.manager.stats()

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 PAUSE_MODES = ("keep", "abort", "wait")
 _FINISH_REASONS = {"stop": FinishReason.STOP, "length": FinishReason.LENGTH, "abort": FinishReason.ABORT}
+GAUGES = frozenset(EngineMetrics().gauges) | {"rollout/policy_version", "rollout/outstanding"}
+"""The names in `stats()` that are levels, not counters (a replaced server's counters are kept, these not)."""
 
 
 @dataclass

@@ -11,6 +11,10 @@ packed bucket itself, since an engine must load a bucket before the trainer reus
 and each side's error, and the servers are resumed whatever happened. The tensor list is
 checked before the pause (against what the engines accepted at the start-up handshake), so a
 wrong name or shape never reaches an engine.
+
+The transfer group's rendezvous is hosted by the trainer's rank 0, at the address and port it
+reports for its own node (`rendezvous_address`), wherever the driver runs. A group has a fixed
+membership: when a server dies or a replacement joins, `form_group` re-forms it for all members.
 """
 
 import asyncio
@@ -63,15 +67,21 @@ def local_address() -> str:
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
 
 
+def rendezvous_address() -> tuple[str, int]:
+    """This node's address and a port free on it: what the rank that hosts a rendezvous reports.
+    Call it in the hosting process (trainer rank 0), never in the driver: they may be on other nodes."""
+    return local_address(), free_port()
+
+
 class WeightSyncCoordinator:
     """Drives syncs from the trainer's sender into a fixed set of rollout servers.
 
     `servers`: RolloutServer handles (init_weight_transfer, start_weight_update, update_weights,
-    finish_weight_update, pause, resume). `sender`: the trainer's rank-0 handle with
-    init_weight_sender, tensor_metas and send_weights. `device` resolves backend `auto`
-    (None: CUDA if this process sees one); pass a resolved SyncConfig for a shared GPU (ipc). `workers_per_server`: vLLM workers per engine
-    (its tensor x pipeline parallel size). `master_address`: where the trainer's rendezvous
-    listens (None: this node's address; the sender must run on this node then).
+    finish_weight_update, pause, resume), as a list or {server index: handle}. `sender`: the
+    trainer's rank-0 handle with rendezvous_address, init_weight_sender, tensor_metas and
+    send_weights. `device` resolves backend `auto` (None: CUDA if this process sees one); pass a
+    resolved SyncConfig for a shared GPU (ipc). `workers_per_server`: vLLM workers per engine (its
+    tensor x pipeline parallel size). `master_address`: overrides the address the sender reports.
     """
 
     def __init__(self, servers: list, sender: Any, sync: SyncConfig, *, pause_mode: str = "keep",
@@ -83,7 +93,7 @@ class WeightSyncCoordinator:
             import torch
 
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.servers = list(servers)
+        self.servers: dict[int, Any] = dict(servers) if isinstance(servers, dict) else dict(enumerate(servers))
         self.sender = sender
         self.sync_config = sync
         if pause_mode not in ("keep", "wait"):
@@ -99,29 +109,47 @@ class WeightSyncCoordinator:
     async def setup(self, policy_version: int = 0) -> dict[str, float]:
         """Form the transfer group (trainer rank 0, engines' workers after it), then sync once,
         so a broken path fails before step 0. Returns the handshake's metrics."""
+        await self.form_group()
+        return await self.sync(policy_version)
+
+    async def form_group(self, servers: dict[int, Any] | None = None) -> None:
+        """(Re-)form the transfer group: trainer rank 0, then the workers of every server in index order.
+        `servers` replaces the membership first (a server died, or a replacement joins); with none left
+        there is no group until one joins."""
+        if servers is not None:
+            self.servers = dict(servers)
+        if not self.servers:
+            return
         cfg = self.sync_config
-        address = self.master_address or local_address()
-        port = cfg.master_port or free_port()
+        if self.backend == "ipc":  # no group: the handles travel with each bucket
+            address, port = "", 0
+        else:
+            address, port = await asyncio.wait_for(call(self.sender, "rendezvous_address"), cfg.timeout_s)
+            address, port = self.master_address or address, cfg.master_port or port
         world_size = 1 + len(self.servers) * self.workers_per_server
-        engines = {"servers": self.servers} if self.backend == "ipc" else {}  # ipc: the sender drives the loads
+        # ipc: the sender drives the loads into these servers itself
+        engines = {"servers": [self.servers[i] for i in sorted(self.servers)]} if self.backend == "ipc" else {}
         calls: dict[str, Awaitable] = {
             "sender": call(self.sender, "init_weight_sender", self.backend, address, port, world_size, cfg.timeout_s,
                            **engines)}
-        for i, server in enumerate(self.servers):
+        for position, (i, server) in enumerate(sorted(self.servers.items())):
             info = compat.engine_init_info(
                 self.backend, master_address=address, master_port=port, world_size=world_size,
-                rank_offset=1 + i * self.workers_per_server, bucket_bytes=cfg.bucket_bytes, timeout_s=cfg.timeout_s)
+                rank_offset=1 + position * self.workers_per_server, bucket_bytes=cfg.bucket_bytes,
+                timeout_s=cfg.timeout_s)
             calls[f"server {i}"] = call(server, "init_weight_transfer", info)
         await self._phase("form the transfer group", calls, time.perf_counter() + cfg.timeout_s, -1)
         if self.backend == "ipc":
-            logger.info("weight sync: CUDA IPC from the trainer into %d engine(s) on its GPU", len(self.servers))
+            logger.info("weight sync: CUDA IPC from the trainer into engine(s) %s on its GPU", sorted(self.servers))
         else:
-            logger.info("weight sync: %s group of %d ranks formed at %s:%d", self.backend, world_size, address, port)
-        return await self.sync(policy_version)
+            logger.info("weight sync: %s group of %d ranks formed at %s:%d (servers %s)", self.backend, world_size,
+                        address, port, sorted(self.servers))
 
     async def sync(self, policy_version: int) -> dict[str, float]:
         """Move the sender's current weights into every server, labelled `policy_version`."""
         cfg = self.sync_config
+        if not self.servers:
+            raise WeightSyncError(f"sync to policy_version {policy_version}: no rollout server is in the group")
         metas: list[TensorMeta] = await asyncio.wait_for(call(self.sender, "tensor_metas"), cfg.timeout_s)
         if self._accepted is not None:
             try:
@@ -131,7 +159,7 @@ class WeightSyncCoordinator:
         # ipc has no update request of its own: the sender builds one per bucket
         update_info = None if self.backend == "ipc" else compat.engine_update_info(self.backend, metas, cfg.bucket_bytes)
         deadline = time.perf_counter() + cfg.timeout_s
-        servers = dict(enumerate(self.servers))
+        servers = dict(self.servers)
         timings: dict[str, float] = {}
         t_start = time.perf_counter()
 
@@ -155,7 +183,7 @@ class WeightSyncCoordinator:
         finally:  # resume whatever happened, so no engine is left paused
             t0 = time.perf_counter()
             try:
-                await self._phase("resume", each("resume"), t0 + RESUME_TIMEOUT_S, policy_version)
+                await self._phase("resume", each("resume"), t0 + min(RESUME_TIMEOUT_S, cfg.timeout_s), policy_version)
             except WeightSyncError as exc:
                 if failure is None:
                     raise

@@ -1,8 +1,10 @@
 """The trainer as one object: trainer.num_workers TrainerWorker Ray actors in one process group.
 
 Every call fans out to all ranks (they must all take part in the collectives) and returns
-rank 0's result. `sender` is what the weight-sync coordinator talks to. Blocking methods
-have `*_async` twins (awaiting the Ray refs) for callers that run an event loop.
+rank 0's result. `sender` is what the weight-sync coordinator talks to (async: a hung transfer
+is abandoned by the coordinator's deadline, never left blocking a thread). Blocking methods
+have `*_async` twins (awaiting the Ray refs) for callers that run an event loop. A rank that
+dies raises TrainerRankDied; `shutdown` never waits long on ranks stuck in a collective.
 """
 
 import asyncio
@@ -19,16 +21,40 @@ from verl_async.training.worker import TrainerWorker
 from verl_async.types import TensorMeta, TrainBatch, TrainMetrics, TrainRow
 
 logger = logging.getLogger(__name__)
+SHUTDOWN_GRACE_S = 10.0  # ranks get this long to leave their process group before they are killed
+
+
+class TrainerRankDied(RuntimeError):
+    """A trainer worker process is gone (killed, OOM, node lost): the run cannot continue without it."""
+
+    def __init__(self, rank: int, cause: BaseException):
+        super().__init__(f"trainer rank {rank} died ({type(cause).__name__}: "
+                         f"{str(cause).strip().splitlines()[0] if str(cause).strip() else ''})")
+        self.rank = rank
 
 
 def gather(refs: list[Any]) -> list[Any]:
     """ray.get that fails fast: the first rank to raise is reported at once, instead of waiting
-    on ranks that will sit in a collective until its timeout."""
+    on ranks that will sit in a collective until its timeout. A dead rank raises TrainerRankDied."""
     pending = list(refs)
     while pending:
         ready, pending = ray.wait(pending, num_returns=1)
-        ray.get(ready)
+        try:
+            ray.get(ready)
+        except ray.exceptions.RayActorError as e:
+            raise TrainerRankDied(refs.index(ready[0]), e) from e
     return ray.get(refs)
+
+
+async def gather_async(refs: list[Any]) -> list[Any]:
+    """`gather` for callers with an event loop (rank order kept)."""
+    futures = [asyncio.wrap_future(ref.future()) for ref in refs]
+    try:
+        return await asyncio.gather(*futures)
+    except ray.exceptions.RayActorError as e:
+        dead = next((i for i, f in enumerate(futures)
+                     if f.done() and not f.cancelled() and isinstance(f.exception(), type(e))), 0)
+        raise TrainerRankDied(dead, e) from e
 
 
 class TrainerGroup:
@@ -73,7 +99,7 @@ class TrainerGroup:
         return self._rank0("train_step", ray.put(batch))
 
     async def train_step_async(self, batch: TrainBatch) -> TrainMetrics:
-        return (await asyncio.gather(*self._all("train_step", ray.put(batch))))[0]
+        return (await gather_async(self._all("train_step", ray.put(batch))))[0]
 
     def compute_logprobs(self, rows: list[TrainRow]) -> list[list[float]]:
         return self._rank0("compute_logprobs", ray.put(rows))
@@ -93,33 +119,36 @@ class TrainerGroup:
         return ray.get(self.workers[0].state.remote())
 
     def shutdown(self) -> None:
-        gather(self._all("shutdown"))
+        """Leave the process group and stop every rank; a rank busy in a hung collective (or dead) is
+        killed after SHUTDOWN_GRACE_S instead of blocking the caller."""
+        refs = self._all("shutdown")
+        _, stuck = ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_GRACE_S)
+        if stuck:
+            logger.warning("%d trainer rank(s) did not shut down within %.0f s: killing them", len(stuck),
+                           SHUTDOWN_GRACE_S)
         for w in self.workers:
             ray.kill(w)
         self.workers = []
 
 
 class WeightSenderGroup:
-    """The trainer side of a weight sync: all ranks gather, rank 0 sends; results are rank 0's."""
+    """The trainer side of a weight sync: all ranks gather, rank 0 sends; results are rank 0's.
+    Async, so the coordinator awaits Ray refs directly and abandons them at its deadline."""
 
     def __init__(self, workers: list[Any]):
         self.workers = workers
 
-    def tensor_metas(self) -> list[TensorMeta]:
-        return ray.get(self.workers[0].tensor_metas.remote())
+    async def rendezvous_address(self) -> tuple[str, int]:
+        """Rank 0's node address and a port free there: the transfer group's rendezvous."""
+        return (await gather_async([self.workers[0].rendezvous_address.remote()]))[0]
 
-    def init_weight_sender(self, backend: str, master_address: str, master_port: int, world_size: int,
-                           timeout_s: float, servers: list | None = None) -> None:
-        gather([w.init_weight_sender.remote(backend, master_address, master_port, world_size, timeout_s, servers)
-                for w in self.workers])
+    async def tensor_metas(self) -> list[TensorMeta]:
+        return (await gather_async([self.workers[0].tensor_metas.remote()]))[0]
 
-    async def init_weight_sender_async(self, backend: str, master_address: str, master_port: int, world_size: int,
-                                       timeout_s: float, servers: list | None = None) -> None:
-        await asyncio.gather(*[w.init_weight_sender.remote(backend, master_address, master_port, world_size,
-                                                           timeout_s, servers) for w in self.workers])
+    async def init_weight_sender(self, backend: str, master_address: str, master_port: int, world_size: int,
+                                 timeout_s: float, servers: list | None = None) -> None:
+        await gather_async([w.init_weight_sender.remote(backend, master_address, master_port, world_size, timeout_s,
+                                                        servers) for w in self.workers])
 
-    def send_weights(self, bucket_bytes: int) -> dict[str, float]:
-        return gather([w.send_weights.remote(bucket_bytes) for w in self.workers])[0]
-
-    async def send_weights_async(self, bucket_bytes: int) -> dict[str, float]:
-        return (await asyncio.gather(*[w.send_weights.remote(bucket_bytes) for w in self.workers]))[0]
+    async def send_weights(self, bucket_bytes: int) -> dict[str, float]:
+        return (await gather_async([w.send_weights.remote(bucket_bytes) for w in self.workers]))[0]

@@ -36,6 +36,7 @@ from verl_async.training.batching import (
     split_mini_batches,
     uses_padded_layout,
 )
+from verl_async.training.guards import NonFiniteGuard
 from verl_async.training.model import (
     DTYPES,
     build_model,
@@ -68,6 +69,7 @@ class TrainerWorker:
         self.total_steps, self.device_type, self.temperature = total_steps, device, temperature
         self.step = 0
         self.policy_version = 0
+        self.nonfinite = NonFiniteGuard(trainer.max_nonfinite_skips)  # skipped updates still count as steps
         self._sender: Any = None
 
     # ---- setup -------------------------------------------------------------------------------
@@ -169,6 +171,7 @@ class TrainerWorker:
             "train/tokens": float(sum(row_length(r) for r in rows)),
             "train/loss_tokens": float(sum(sum(r.loss_mask) for r in rows)),
             "train/step_s": time.perf_counter() - start,
+            "train/nonfinite_skips": float(self.nonfinite.skips),
         }
         return TrainMetrics(step=batch.step, metrics=metrics)
 
@@ -203,10 +206,8 @@ class TrainerWorker:
         grad_norm = grad_norm.full_tensor() if isinstance(grad_norm, DTensor) else grad_norm
         values = torch.cat([acc, grad_norm.detach().double().reshape(1)]).tolist()  # the update's one host sync
         grad_norm = values[-1]
-        if np.isfinite(grad_norm):
+        if self.nonfinite.allow_update(self.step, grad_norm):
             self.optimizer.step()
-        else:
-            logger.warning("step %d: non-finite grad norm %s, update skipped", self.step, grad_norm)
         sums = dict(zip(MEAN_METRICS, values[: len(MEAN_METRICS)], strict=True))
         return values[-3], grad_norm, sums | {"weight": weight, "train/is_ratio_max": values[-2]}
 
