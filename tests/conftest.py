@@ -41,6 +41,14 @@ def counter_path(assets_dir) -> str:
 
 
 @pytest.fixture(scope="session")
+def counters(assets_dir) -> dict[int, str]:
+    """Counter models by STEP (greedy output = previous token + STEP): a weight flip shows at its token."""
+    from verl_async.assets.build import ensure_asset
+
+    return {step: str(ensure_asset(assets_dir, "counter", step=step)) for step in (1, 2)}
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One local Ray runtime for the whole test session (logical CPUs so several actors fit)."""
     import ray

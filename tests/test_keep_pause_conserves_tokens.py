@@ -14,7 +14,6 @@ import random
 
 import pytest
 
-from verl_async.assets.build import ensure_asset
 from verl_async.config import ModelConfig, RolloutConfig, SyncConfig
 from verl_async.rollout.server import RolloutServer
 from verl_async.types import EnginePrompt, FinishReason
@@ -39,11 +38,6 @@ def bad_steps(gen) -> list[int]:
             bad.append(i)
         prev = tok
     return bad
-
-
-@pytest.fixture(scope="module")
-def counters(assets_dir):
-    return {1: str(ensure_asset(assets_dir, "counter", step=1)), 2: str(ensure_asset(assets_dir, "counter", step=2))}
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ import logging
 
 import pytest
 
-from verl_async.assets.build import ensure_asset
 from verl_async.config import (
     AlgorithmConfig,
     DataConfig,
@@ -48,11 +47,6 @@ def bad_model_tokens(gen) -> list[int]:
         if mask and seq[pos] != (seq[pos - 1] + step_of(ver)) % VOCAB:
             bad.append(i)
     return bad
-
-
-@pytest.fixture(scope="module")
-def counters(assets_dir):
-    return {1: str(ensure_asset(assets_dir, "counter", step=1)), 2: str(ensure_asset(assets_dir, "counter", step=2))}
 
 
 @pytest.fixture(scope="module")
