@@ -172,6 +172,34 @@ def test_a_group_on_a_dying_server_is_requeued_and_regenerated_on_its_replacemen
     assert r.counts.read == r.counts.requeued + r.counts.delivered + r.counts.in_flight + r.counts.filtered
 
 
+def test_stop_during_a_delivery_counts_the_group_once(tiny_path):
+    """stop() while a group's put into the queue is under way: it is counted delivered (and queued),
+    never also in flight, and no group lands in the queue after the counts were read."""
+    tok = _tokenizer(tiny_path)
+
+    async def scenario():
+        queue = _LocalQueue()
+        real_put, entered = queue.queue.put, asyncio.Event()
+
+        async def slow_put(group):
+            entered.set()
+            await asyncio.sleep(0.2)
+            return await real_put(group)
+
+        queue.put = _Remote(slow_put)
+        r = _rollouter(tiny_path, _FakeServer(tok, answers=(" 1", " a")), queue,
+                       DataConfig(num_generated_prompts=8, shuffle=False))
+        await r.start()
+        await entered.wait()  # the first delivery is inside queue.put
+        final = await r.stop()
+        await asyncio.sleep(0.5)  # any delivery still running finishes now
+        return final, queue.queue.counts()
+
+    final, counts = asyncio.run(scenario())
+    assert counts["received"] == final.delivered >= 1
+    assert final.read == final.delivered + final.in_flight + final.filtered + final.failed + final.rejected
+
+
 class _Roles:
     """What take_batch reads from Roles: the queue and the rollouter (in-process)."""
 

@@ -116,11 +116,14 @@ class Rollouter:
         self._wake.set()
 
     async def stop(self) -> RolloutCounts:
-        """Stop producing; the groups still in flight are reported as such, then aborted."""
+        """Stop producing; the groups still in flight are reported as such, then aborted. The counts are
+        read under the delivery lock: a group whose put into the queue is under way is counted
+        delivered (and queued), never both in flight and queued; none is delivered after."""
+        self._stopped = True
         if self._task:
             self._task.cancel()
-        final = dataclasses.replace(self.counts)
-        self._stopped = True
+        async with self._delivery:
+            final = dataclasses.replace(self.counts)
         await self.manager.abort_all()
         return final
 
@@ -275,6 +278,8 @@ class Rollouter:
             if self._stopped:
                 return  # reported as in flight at the end
         async with self._delivery:
+            if self._stopped:
+                return  # stop() has read the counts: reported as in flight at the end
             await self.queue.put.remote(Group(row.prompt_id, samples))
             self.counts.delivered += 1
             self._inflight_rows.pop(group_id, None)
