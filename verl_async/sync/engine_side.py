@@ -9,6 +9,7 @@ from verl_async.config.sync import SyncConfig
 from verl_async.sync.compat import vllm_backend
 
 GLOO_WORKER_EXTENSION = "verl_async.sync.gloo_engine.GlooWorkerExtension"
+IPC_WORKER_EXTENSION = "verl_async.sync.ipc_engine.IpcWorkerExtension"
 # vLLM's IPC engine unpickles the handles it receives (`ipc_handles_pickled`) only with this set. The
 # pickle comes from our own trainer process on the same machine.
 IPC_ENGINE_ENV = {"VLLM_ALLOW_INSECURE_SERIALIZATION": "1"}
@@ -33,14 +34,16 @@ def resolved_sync(sync: SyncConfig, device: str, shared_gpu: bool = False) -> Sy
 
 
 def weight_transfer_kwargs(sync: SyncConfig, device: str) -> dict[str, Any]:
-    """Kwargs for vLLM's AsyncEngineArgs: the transfer backend and, for gloo, the worker
-    extension whose import registers our engine inside each spawned worker."""
+    """Kwargs for vLLM's AsyncEngineArgs: the transfer backend and, for our own engines (gloo, ipc
+    loaded in place), the worker extension whose import registers the engine inside each worker."""
     from vllm.config.weight_transfer import WeightTransferConfig
 
     backend = resolve_backend(sync, device)
-    kwargs: dict[str, Any] = {"weight_transfer_config": WeightTransferConfig(backend=vllm_backend(backend))}
+    kwargs: dict[str, Any] = {"weight_transfer_config": WeightTransferConfig(backend=vllm_backend(backend, sync.ipc_load))}
     if backend == "gloo":
         kwargs["worker_extension_cls"] = GLOO_WORKER_EXTENSION
+    elif backend == "ipc" and sync.ipc_load == "in_place":
+        kwargs["worker_extension_cls"] = IPC_WORKER_EXTENSION
     return kwargs
 
 

@@ -42,3 +42,22 @@ def fuse_rms_norms(model: torch.nn.Module) -> int:
     if targets:
         logger.info("fused %d RMSNorm modules (torch.nn.functional.rms_norm)", len(targets))
     return len(targets)
+
+
+def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's repeated blocks: modules whose class HF lists in `_no_split_modules`."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+    return [m for m in model.modules() if type(m).__name__ in names]
+
+
+def compile_decoder_layers(model: torch.nn.Module) -> int:
+    """torch.compile each decoder layer's `forward` (dynamic shapes: packed lengths vary per micro-batch).
+
+    The forward method is compiled, not the module: hooks that FSDP2 and activation checkpointing put
+    around the call stay in eager mode, so sharding and recomputation work as without compilation."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.forward = torch.compile(layer.forward, dynamic=True)
+    if layers:
+        logger.info("compiling %d decoder layers (torch.compile, dynamic shapes)", len(layers))
+    return len(layers)

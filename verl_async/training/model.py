@@ -20,7 +20,7 @@ from torch.distributed.tensor import DTensor
 from verl_async.config.model import ModelConfig
 from verl_async.training.attention import VARLEN_IMPLEMENTATION, register_varlen_attention
 from verl_async.training.batching import MicroBatch
-from verl_async.training.kernels import fuse_rms_norms
+from verl_async.training.kernels import compile_decoder_layers, decoder_layers, fuse_rms_norms
 from verl_async.training.logprobs import LogprobQuery, install_logprob_head
 
 logger = logging.getLogger(__name__)
@@ -45,14 +45,17 @@ def load_hf_model(model_path: str, cfg: ModelConfig, attn_implementation: str = 
 
 
 def build_model(model_path: str, cfg: ModelConfig, device: torch.device, fsdp: bool, trainable: bool,
-                layout: str = "padded", fused_norms: bool = False) -> torch.nn.Module:
+                layout: str = "padded", fused_norms: bool = False, compile_layers: bool = False) -> torch.nn.Module:
     """Load, optionally checkpoint activations, shard (fsdp) or move to `device`. `layout`
     (training/attention.py) picks the attention: varlen for packed rows, sdpa for padded ones;
-    `fused_norms` swaps RMSNorms for torch's fused kernel (training/kernels.py).
+    `fused_norms` swaps RMSNorms for torch's fused kernel, `compile_layers` compiles each decoder
+    layer's forward (training/kernels.py).
     A non-trainable model (the KL reference) is frozen and kept in eval mode."""
     model = load_hf_model(model_path, cfg, VARLEN_IMPLEMENTATION if layout == "packed" else "sdpa")
     if fused_norms:
         fuse_rms_norms(model)
+    if compile_layers:
+        compile_decoder_layers(model)
     if trainable and cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if not trainable:
@@ -67,10 +70,10 @@ def build_model(model_path: str, cfg: ModelConfig, device: torch.device, fsdp: b
         compute = DTYPES[cfg.dtype]
         mp = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32) if compute != torch.float32 else None
         kwargs = {"mesh": mesh} | ({"mp_policy": mp} if mp is not None else {})
-        block_names = set(model._no_split_modules or ())
-        blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+        blocks = decoder_layers(model)
         if not blocks:
-            logger.warning("no %s blocks found: FSDP2 shards the whole model as one unit", sorted(block_names))
+            logger.warning("no %s blocks found: FSDP2 shards the whole model as one unit",
+                           sorted(model._no_split_modules or ()))
         for block in blocks:
             fully_shard(block, **kwargs)
         fully_shard(model, **kwargs)

@@ -107,13 +107,14 @@ class TrainerWorker:
 
         compute = DTYPES[self.model_cfg.dtype]
         self.layout = resolve_attention(self.cfg.attention, self.device, compute, vision=is_vl_model(self.model_path))
-        build = {"layout": self.layout, "fused_norms": self.cfg.fused_norms}
+        build = {"layout": self.layout, "fused_norms": self.cfg.fused_norms, "compile_layers": self.cfg.compile_layers}
         self.model = build_model(self.model_path, self.model_cfg, self.device, self.cfg.fsdp, trainable=True, **build)
         self.ref_model = (build_model(self.model_path, self.model_cfg, self.device, self.cfg.fsdp, trainable=False,
                                       **build) if self.algo.kl_coef > 0 else None)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        fused = self.cfg.fused_optimizer and self.device.type == "cuda"
         self.optimizer = torch.optim.AdamW(self.params, lr=self.cfg.lr, betas=tuple(self.cfg.betas),
-                                           weight_decay=self.cfg.weight_decay)
+                                           weight_decay=self.cfg.weight_decay, **({"fused": True} if fused else {}))
         self.scheduler = make_scheduler(self.optimizer, self.cfg.warmup_steps, self.total_steps, self.cfg.lr_schedule)
         self.autocast = compute if (not self.cfg.fsdp and compute != torch.float32) else None
         hf = self.model.config.get_text_config()  # a VL config keeps its token ids in the text config
