@@ -59,6 +59,9 @@ for s in $STAGES; do
     trainer_profile)  # issue 10: 1.7B/4B fixed vs the plain loop, one extra profiled step (~3 min)
         stage trainer_profile 330 python3 benchmarks/trainer_throughput.py --shapes 1.7B,4B --lengths fixed \
             --profile --tag _profile ;;
+    trainer_final)  # issue 10: trainer.compile_layers (layers and log-prob head) vs the plain loop, fixed lengths
+        stage trainer_final 420 python3 benchmarks/trainer_throughput.py --shapes 1.7B,4B,0.6B --lengths fixed \
+            --compile-layers 1 --tag _compiled ;;
     trainer_compile)  # issue 10: the same with trainer.compile_layers (compile time in the warm-up step)
         stage trainer_compile 360 python3 benchmarks/trainer_throughput.py --shapes 1.7B,4B --lengths fixed \
             --compile-layers 1 --skip-hf --profile --tag _compile ;;

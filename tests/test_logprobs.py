@@ -22,7 +22,8 @@ def reference(hidden, weight, targets, temperature):
 
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 @pytest.mark.parametrize("with_entropy", [False, True])
-def test_values_and_gradients_match_full_logits(monkeypatch, temperature, with_entropy):
+@pytest.mark.parametrize("compiled", [False, True])
+def test_values_and_gradients_match_full_logits(monkeypatch, temperature, with_entropy, compiled):
     monkeypatch.setattr(lp_mod, "CHUNK_BYTES", 4 * 50 * 7)  # 7 tokens a chunk: 37 tokens span 6 chunks
     torch.manual_seed(0)
     n, h, v = 37, 16, 50
@@ -35,7 +36,7 @@ def test_values_and_gradients_match_full_logits(monkeypatch, temperature, with_e
     ref_loss = (ref_lp * g_lp).sum() + ((ref_ent * g_ent).sum() if with_entropy else 0.0)
     ref_gh, ref_gw = torch.autograd.grad(ref_loss, (hidden, weight))
 
-    got_lp, got_ent = chunked_logprobs(hidden, weight, targets, temperature, with_entropy)
+    got_lp, got_ent = chunked_logprobs(hidden, weight, targets, temperature, with_entropy, compiled=compiled)
     loss = (got_lp * g_lp).sum() + ((got_ent * g_ent).sum() if with_entropy else 0.0)
     gh, gw = torch.autograd.grad(loss, (hidden, weight))
     assert got_lp.dtype == torch.float32  # log-probs are always fp32

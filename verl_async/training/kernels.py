@@ -51,13 +51,17 @@ def decoder_layers(model: torch.nn.Module) -> list[torch.nn.Module]:
 
 
 def compile_decoder_layers(model: torch.nn.Module) -> int:
-    """torch.compile each decoder layer's `forward` (dynamic shapes: packed lengths vary per micro-batch).
+    """torch.compile each decoder layer's `forward` (dynamic shapes: packed lengths vary per micro-batch),
+    and the per-chunk math of the model's LogprobHead (training/logprobs.py) when it has one.
 
     The forward method is compiled, not the module: hooks that FSDP2 and activation checkpointing put
     around the call stay in eager mode, so sharding and recomputation work as without compilation."""
     layers = decoder_layers(model)
     for layer in layers:
         layer.forward = torch.compile(layer.forward, dynamic=True)
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if hasattr(head, "compiled"):
+        head.compiled = True
     if layers:
         logger.info("compiling %d decoder layers (torch.compile, dynamic shapes)", len(layers))
     return len(layers)
