@@ -272,7 +272,7 @@ def summarize(results: list[dict]) -> dict:
     return summary
 
 
-def parse_args():
+def parse_args(argv: list[str] | None = None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backend", choices=("nccl", "ipc", "gloo"), default=None,
                    help="default: nccl on cuda, gloo on cpu")
@@ -289,7 +289,7 @@ def parse_args():
     p.add_argument("--eager", action="store_true", help="engine without torch.compile / CUDA graphs (faster start)")
     p.add_argument("--gpu-memory-utilization", type=float, default=None,
                    help="engine's share of its GPU (default 0.85 on its own GPU, 0.4 on a shared one)")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     args.backend = args.backend or ("nccl" if args.device == "cuda" else "gloo")
     args.shapes = args.shapes or ("0.6B,8B" if args.device == "cuda" else "small")
     if args.gpu_memory_utilization is None:

@@ -6,10 +6,9 @@
   no token lost, ledger balanced, staleness within its bound.
 - memory_check: a trainer that cannot fit beside the engine fails before its model is built, saying what to lower.
 
-Run on a GPU machine: `python -m pytest -q -s tests/test_one_gpu_gpu.py` (about 3 minutes on one H200).
+Run on a GPU machine: `python -m pytest -q -s tests/test_one_gpu_gpu.py` (about 7 minutes on one H200: each pipeline test starts Ray, an engine and a trainer).
 """
 
-import argparse
 import asyncio
 import sys
 import time
@@ -29,8 +28,9 @@ def test_ipc_conservation_on_one_gpu():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import weight_sync_gpu
 
-    args = argparse.Namespace(backend="ipc", device="cuda", rounds=2, requests=16, tokens=96, warm_s=0.3,
-                              bucket_mib=1, keep_cache=False, eager=True, gpu_memory_utilization=0.3)
+    args = weight_sync_gpu.parse_args(["--backend", "ipc", "--rounds", "2", "--requests", "16", "--tokens", "96",
+                                       "--warm-s", "0.3", "--bucket-mib", "1", "--eager",
+                                       "--gpu-memory-utilization", "0.3"])
     result = asyncio.run(weight_sync_gpu.run_shape("small", args))
     print(weight_sync_gpu.summarize([result]))
     assert result["requests_switched_cleanly"] == [16, 16]
