@@ -31,6 +31,17 @@ IPC_IN_PLACE_BACKEND = "verl_ipc_in_place"
 NCCL_NUM_BUFFERS = 2  # vLLM's default double buffering for packed NCCL broadcasts
 
 
+def register_engine(name: str, engine_cls: type) -> None:
+    """Register one of our weight-transfer engines with vLLM's factory (idempotent). Each engine module
+    calls it at import; vLLM imports the module inside every worker through `worker_extension_cls`."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
+
+    try:
+        WeightTransferEngineFactory.register_engine(name, engine_cls)
+    except ValueError:  # already registered in this process
+        pass
+
+
 def vllm_backend(backend: str, ipc_load: str = "layerwise") -> str:
     """Our backend name (SyncConfig, resolved) -> the key vLLM's factory knows it by."""
     if backend == "ipc" and ipc_load == "in_place":

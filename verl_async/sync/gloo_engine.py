@@ -19,7 +19,6 @@ from vllm.distributed.weight_transfer.base import (
     WeightTransferInitInfo,
     WeightTransferUpdateInfo,
 )
-from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 
 from verl_async.sync import compat, gloo
 from verl_async.sync.buckets import bucket_layout, unpack
@@ -157,15 +156,7 @@ def _redispatch_tied_output_layer(model: torch.nn.Module) -> None:
 
 
 class GlooWorkerExtension:
-    """Named as vLLM's `worker_extension_cls` so each spawned worker imports this module (and so
-    registers the backend) before its weight-transfer engine is built. Adds no methods."""
+    """vLLM's `worker_extension_cls`: each worker imports this module, registering the engine. No methods."""
 
 
-def register() -> None:
-    try:
-        WeightTransferEngineFactory.register_engine(compat.GLOO_BACKEND, GlooWeightTransferEngine)
-    except ValueError:  # already registered in this process
-        pass
-
-
-register()
+compat.register_engine(compat.GLOO_BACKEND, GlooWeightTransferEngine)

@@ -20,7 +20,6 @@ registers the backend) first (engine_side.weight_transfer_kwargs).
 
 import logging
 
-from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory
 from vllm.distributed.weight_transfer.ipc_engine import IPCWeightTransferEngine
 
 from verl_async.sync import compat
@@ -54,15 +53,7 @@ class InPlaceIpcEngine(IPCWeightTransferEngine):
 
 
 class IpcWorkerExtension:
-    """Named as vLLM's `worker_extension_cls` so each spawned worker imports this module (and so
-    registers the backend) before its weight-transfer engine is built. Adds no methods."""
+    """vLLM's `worker_extension_cls`: each worker imports this module, registering the engine. No methods."""
 
 
-def register() -> None:
-    try:
-        WeightTransferEngineFactory.register_engine(compat.IPC_IN_PLACE_BACKEND, InPlaceIpcEngine)
-    except ValueError:  # already registered in this process
-        pass
-
-
-register()
+compat.register_engine(compat.IPC_IN_PLACE_BACKEND, InPlaceIpcEngine)
