@@ -28,8 +28,8 @@ def test_ipc_conservation_on_one_gpu():
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import weight_sync_gpu
 
-    args = weight_sync_gpu.parse_args(["--backend", "ipc", "--rounds", "2", "--requests", "16", "--tokens", "96",
-                                       "--warm-s", "0.3", "--bucket-mib", "1", "--eager",
+    args = weight_sync_gpu.parse_args(["--backend", "ipc", "--rounds", "2", "--requests", "16", "--tokens", "1024",
+                                       "--warm-s", "0.2", "--bucket-mib", "1", "--eager",
                                        "--gpu-memory-utilization", "0.3"])
     result = asyncio.run(weight_sync_gpu.run_shape("small", args))
     print(weight_sync_gpu.summarize([result]))
@@ -59,6 +59,7 @@ def test_memory_check_fails_before_the_trainer_builds(ray_session, tmp_path):
 
     t0 = time.monotonic()
     with pytest.raises(Exception, match=r"trainer\.micro_batch_max_tokens to \d+ or less") as err:
-        run(compose_job(tmp_path, *ONE_GPU, "trainer.micro_batch_max_tokens=1000000"))
+        run(compose_job(tmp_path, *ONE_GPU, "trainer.micro_batch_max_tokens=1000000000",
+                        "model.gradient_checkpointing=false"))
     assert "model.gradient_checkpointing=true" in str(err.value) and "smaller model" in str(err.value)
     assert time.monotonic() - t0 < 180
