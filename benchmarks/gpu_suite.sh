@@ -47,8 +47,8 @@ for s in $STAGES; do
     trainer_4b_nockpt)  # issue 10: MFU at 4B without recomputation (8k-token micro-batches fit)
         stage trainer_4b_nockpt 200 python3 benchmarks/trainer_throughput.py --shapes 4B --lengths fixed,longtail \
             --checkpointing 0 --micro-batch-tokens 8192 --skip-hf --tag _4b_nockpt ;;
-    onegpu)  # issue 11: every pipeline mode on one GPU, IPC conservation with many buckets, memory check (~7 min)
-        stage onegpu 600 python3 -m pytest -q -s -p no:cacheprovider tests/test_one_gpu_gpu.py ;;
+    onegpu)  # issue 11: every pipeline mode on one GPU, IPC conservation with many buckets, memory check (~10 min)
+        stage onegpu 720 python3 -m pytest -q -s -p no:cacheprovider tests/test_one_gpu_gpu.py ;;
     trainer_nockpt)  # issue 10: both implementations without activation checkpointing where it fits (~1.5 min)
         stage trainer_nockpt 200 python3 benchmarks/trainer_throughput.py --shapes 0.6B,1.7B --lengths fixed \
             --checkpointing 0 --tag _nockpt ;;

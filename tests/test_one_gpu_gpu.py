@@ -6,7 +6,7 @@
   no token lost, ledger balanced, staleness within its bound.
 - memory_check: a trainer that cannot fit beside the engine fails before its model is built, saying what to lower.
 
-Run on a GPU machine: `python -m pytest -q -s tests/test_one_gpu_gpu.py` (about 7 minutes on one H200: each pipeline test starts Ray, an engine and a trainer).
+Run on a GPU machine: `python -m pytest -q -s tests/test_one_gpu_gpu.py` (about 10 minutes on one H200: each pipeline test starts Ray, an engine and a trainer).
 """
 
 import asyncio
